@@ -1,0 +1,82 @@
+/*
+ * driver.c - loads the CUDA driver at run time (see driver.h for why).
+ */
+#define _GNU_SOURCE
+#include "driver.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+typedef CUresult(CUDAAPI *get_proc_fn)(const char *, void **, int, cuuint64_t,
+                                       CUdriverProcAddressQueryResult *);
+
+static fm_driver g_driver;
+static int g_state;          /* 0 untried, 1 ok, -1 failed */
+static char g_why[256];
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void load_driver(void) {
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(g_why, sizeof g_why, "no CUDA driver (libcuda.so.1 not found): %s", dlerror());
+        g_state = -1;
+        return;
+    }
+    get_proc_fn get_proc = (get_proc_fn)dlsym(lib, "cuGetProcAddress_v2");
+    if (!get_proc) {
+        snprintf(g_why, sizeof g_why, "CUDA driver too old: no cuGetProcAddress_v2");
+        g_state = -1;
+        return;
+    }
+    /* Each entry point is asked for at the ABI of the toolkit we were built against, which is
+     * the signature cuda.h declared (e.g. cuMemAlloc -> cuMemAlloc_v2). */
+#define FM_RESOLVE(name, args)                                                                 \
+    {                                                                                          \
+        void *pfn = NULL;                                                                      \
+        CUdriverProcAddressQueryResult q;                                                      \
+        CUresult r = get_proc(#name, &pfn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, &q);     \
+        if (r != CUDA_SUCCESS || !pfn) {                                                       \
+            snprintf(g_why, sizeof g_why, "CUDA driver lacks %s (driver older than CUDA %d.%d?)", \
+                     #name, CUDA_VERSION / 1000, (CUDA_VERSION % 1000) / 10);                  \
+            g_state = -1;                                                                      \
+            return;                                                                            \
+        }                                                                                      \
+        memcpy(&g_driver.name, &pfn, sizeof pfn);                                              \
+    }
+    FM_DRIVER_FUNCS(FM_RESOLVE)
+#undef FM_RESOLVE
+    CUresult r = g_driver.cuInit(0);
+    if (r != CUDA_SUCCESS) {
+        const char *s = NULL;
+        g_driver.cuGetErrorName(r, &s);
+        snprintf(g_why, sizeof g_why, "no usable GPU: cuInit failed (%s)", s ? s : "unknown");
+        g_state = -1;
+        return;
+    }
+    int n = 0;
+    if (g_driver.cuDeviceGetCount(&n) != CUDA_SUCCESS || n == 0) {
+        snprintf(g_why, sizeof g_why, "no GPU: the CUDA driver reports no device");
+        g_state = -1;
+        return;
+    }
+    g_state = 1;
+}
+
+const fm_driver *fm_driver_get(char *why, size_t why_len) {
+    pthread_once(&g_once, load_driver);
+    if (g_state == 1) return &g_driver;
+    if (why && why_len) snprintf(why, why_len, "%s", g_why);
+    return NULL;
+}
+
+const char *fm_driver_error_text(CUresult r, char *buf, size_t len) {
+    const char *name = NULL, *text = NULL;
+    if (g_state == 1) {
+        g_driver.cuGetErrorName(r, &name);
+        g_driver.cuGetErrorString(r, &text);
+    }
+    snprintf(buf, len, "%s: %s", name ? name : "CUDA error", text ? text : "(no description)");
+    return buf;
+}

@@ -1,0 +1,166 @@
+/*
+ * test_generator.c - the Lua generator: spaces enumerate, cull with reasons, name uniquely,
+ * render deterministic self-contained sources; bad requests fail with a message.
+ */
+#define _GNU_SOURCE
+#include "check.h"
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct acc {
+    int kept, culled, empty_reason;
+    char names[4096][160];
+    int n;
+    int dup;
+    fm_config first, last_culled;
+} acc;
+
+static int collect(void *user, const fm_config *c, const char *reason) {
+    acc *a = user;
+    if (reason) {
+        a->culled++;
+        if (!reason[0]) a->empty_reason++;
+        a->last_culled = *c;
+        return 0;
+    }
+    if (!a->kept) a->first = *c;
+    a->kept++;
+    for (int i = 0; i < a->n; i++)
+        if (!strcmp(a->names[i], c->name)) a->dup++;
+    if (a->n < 4096) snprintf(a->names[a->n++], sizeof a->names[0], "%s", c->name);
+    return 0;
+}
+
+typedef struct probs {
+    fm_generator *g;
+    const char *family;
+    const fm_limits *lim;
+    int problems, with_kept;
+    acc *a;
+} probs;
+
+static int each_problem(void *user, const fm_config *p, const char *reason) {
+    (void)reason;
+    probs *pp = user;
+    char err[512] = "";
+    acc *a = pp->a;
+    int before = a->kept;
+    fm_status s = fm_generator_enumerate(pp->g, pp->family, p, pp->lim, collect, a, err, sizeof err);
+    CHECK(s == FM_OK, "%s: %s", pp->family, err);
+    pp->problems++;
+    pp->with_kept += a->kept > before;
+    return 0;
+}
+
+int main(void) {
+    char err[1024] = "";
+    fm_generator *g = NULL;
+    CHECK(fm_generator_open(&g, err, sizeof err) == FM_OK, "open: %s", err);
+    if (!g) return fm_check_report();
+
+    char fams[512] = "";
+    CHECK(fm_generator_families(g, "attn_fwd", fams, sizeof fams) == FM_OK, "%s", fams);
+    CHECK(strstr(fams, "attn_fwd_sm80") != NULL, "families: %s", fams);
+
+    /* 1. every attention family enumerates every problem of its default space, keeps something
+     *    for each, culls with a non-empty reason, and names every kept configuration uniquely */
+    fm_limits lim;
+    fm_arch_limits(90, &lim);
+    char *save = NULL;
+    for (char *f = strtok_r(fams, ",", &save); f; f = strtok_r(NULL, ",", &save)) {
+        acc *a = calloc(1, sizeof *a);
+        probs pp = {g, f, &lim, 0, 0, a};
+        CHECK(fm_generator_problems(g, f, each_problem, &pp, err, sizeof err) == FM_OK, "%s", err);
+        printf("%s: %d problems, %d kept, %d culled\n", f, pp.problems, a->kept, a->culled);
+        CHECK(pp.problems == 12, "%s: %d problems (2 dtypes x 3 head dims x 2)", f, pp.problems);
+        CHECK(pp.with_kept == pp.problems, "%s: only %d of %d problems keep a variant", f,
+              pp.with_kept, pp.problems);
+        CHECK(a->culled > 0, "%s culls nothing: constraints not applied?", f);
+        CHECK(a->empty_reason == 0, "%s: %d culls without a reason", f, a->empty_reason);
+        CHECK(a->dup == 0, "%s: %d duplicate names", f, a->dup);
+
+        /* 2. render: deterministic, self-contained, with the parameters as defines */
+        fm_rendered r1, r2;
+        CHECK(fm_generator_render(g, &a->first, &r1, err, sizeof err) == FM_OK, "%s", err);
+        CHECK(fm_generator_render(g, &a->first, &r2, err, sizeof err) == FM_OK, "%s", err);
+        if (r1.source && r2.source) {
+            CHECK(strcmp(r1.source, r2.source) == 0, "render is not deterministic");
+            CHECK(strstr(r1.source, "#include \"") == NULL, "quoted include left in the source");
+            CHECK(strstr(r1.source, "#include <") == NULL, "system include in a kernel source");
+            CHECK(strstr(r1.source, a->first.name) != NULL, "config name not in the source");
+            CHECK(strlen(r1.template_hash) == 16, "template hash '%s'", r1.template_hash);
+            CHECK(r1.threads > 0 && r1.threads <= 1024, "threads %d", r1.threads);
+            CHECK(r1.smem_bytes >= 0 && r1.smem_bytes <= lim.smem_per_block, "smem %d",
+                  r1.smem_bytes);
+            CHECK(r1.entry[0] != 0, "no entry point");
+        }
+        fm_rendered_free(&r1);
+        fm_rendered_free(&r2);
+
+        /* 3. a culled configuration cannot be rendered: the constraint names why */
+        if (a->culled) {
+            fm_rendered r3;
+            fm_status s = fm_generator_render(g, &a->last_culled, &r3, err, sizeof err);
+            CHECK(s == FM_ERR_GENERATOR, "culled %s rendered", a->last_culled.name);
+            CHECK(strstr(err, "violates a constraint") != NULL, "message: %s", err);
+        }
+
+        /* 4. naming round trip: the name is a function of the parameters */
+        fm_config c = a->first;
+        c.name[0] = 0;
+        CHECK(fm_generator_name(g, &c, err, sizeof err) == FM_OK, "%s", err);
+        CHECK(!strcmp(c.name, a->first.name), "%s != %s", c.name, a->first.name);
+        free(a);
+    }
+
+    /* 5. smaller devices cull more: sm_80's 163 KB against sm_90's 227 KB */
+    {
+        fm_config p;
+        memset(&p, 0, sizeof p);
+        fm_config_set_str(&p, "dtype", "bf16");
+        fm_config_set_int(&p, "head_dim", 256);
+        fm_config_set_int(&p, "causal", 0);
+        fm_limits l80, l86;
+        fm_arch_limits(80, &l80);
+        fm_arch_limits(86, &l86);
+        acc *a80 = calloc(1, sizeof *a80), *a86 = calloc(1, sizeof *a86);
+        CHECK(fm_generator_enumerate(g, "attn_fwd_sm80", &p, &l80, collect, a80, err, sizeof err) == FM_OK, "%s", err);
+        CHECK(fm_generator_enumerate(g, "attn_fwd_sm80", &p, &l86, collect, a86, err, sizeof err) == FM_OK, "%s", err);
+        CHECK(a86->kept < a80->kept, "sm_86 keeps %d, sm_80 keeps %d", a86->kept, a80->kept);
+        /* a family needing sm_90 culls everything on sm_80, saying why */
+        if (strstr(fams, "") && fm_generator_enumerate(g, "attn_fwd_sm90", &p, &l80, collect, a80, err, sizeof err) == FM_OK)
+            CHECK(a80->last_culled.name[0] != 0, "sm90 family on sm_80 culled nothing");
+        free(a80);
+        free(a86);
+    }
+
+    /* 6. errors: unknown family, missing problem field, default for an op */
+    {
+        fm_config p;
+        memset(&p, 0, sizeof p);
+        acc *a = calloc(1, sizeof *a);
+        CHECK(fm_generator_enumerate(g, "no_such_family", &p, &lim, collect, a, err, sizeof err) ==
+                  FM_ERR_GENERATOR, "unknown family accepted");
+        CHECK(strstr(err, "unknown kernel family") != NULL, "message: %s", err);
+        CHECK(fm_generator_enumerate(g, "attn_fwd_sm80", &p, &lim, collect, a, err, sizeof err) ==
+                  FM_ERR_GENERATOR, "missing problem accepted");
+        CHECK(strstr(err, "missing") != NULL, "message: %s", err);
+        free(a);
+        fm_config_set_str(&p, "dtype", "fp16");
+        fm_config_set_int(&p, "head_dim", 128);
+        fm_config_set_int(&p, "causal", 1);
+        fm_config d;
+        fm_limits l80;
+        fm_arch_limits(80, &l80);
+        CHECK(fm_generator_default(g, "attn_fwd", &p, &l80, &d, err, sizeof err) == FM_OK, "%s", err);
+        CHECK(!strcmp(d.family, "attn_fwd_sm80"), "sm_80 default family %s", d.family);
+        CHECK(fm_generator_default(g, "attn_fwd", &p, &lim, &d, err, sizeof err) == FM_OK, "%s", err);
+        printf("sm_90 default: %s\n", d.name);
+        CHECK(fm_config_int(&d, "causal", -1) == 1 && fm_config_int(&d, "head_dim", 0) == 128,
+              "default does not carry the problem: %s", d.name);
+    }
+    fm_generator_close(g);
+    return fm_check_report();
+}

@@ -1,0 +1,30 @@
+#!/bin/sh
+# test_tuner_gpu.sh FMTUNE SERVE_CHECK WORKDIR - fmtune end to end on a small shape, resuming,
+# then a program using the C API is served that shape from the database and computes it right.
+fmtune=$1
+serve=$2
+work=$3
+if ! [ -e /dev/nvidiactl ] && ! [ -e /dev/nvidia0 ]; then
+  echo "SKIP: no GPU on this machine (test_tuner_gpu needs one)"
+  exit 77
+fi
+rm -rf "$work" && mkdir -p "$work" || exit 1
+db="$work/tuning.sqlite"
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+
+"$fmtune" --gpu auto --shape 2x1000x128 --heads 4 --kv-heads 2 --causal --db "$db" --runs 5 \
+  --max-variants 6 > "$work/out1" 2> "$work/err1"; rc=$?
+cat "$work/out1"
+[ $rc = 0 ] && ok || { bad "tune exited $rc"; tail -n 30 "$work/err1"; }
+grep -q "^best for attn_fwd bf16 b=2,sq=1000,sk=1000,h=4,hkv=2,d=128,causal=1" "$work/out1" && ok || bad "no best line"
+"$fmtune" --gpu auto --shape 2x1000x128 --heads 4 --kv-heads 2 --causal --db "$db" --runs 5 \
+  --max-variants 6 > "$work/out2" 2> "$work/err2"; rc=$?
+[ $rc = 0 ] && ok || bad "second run exited $rc"
+grep -q "already measured" "$work/err2" && ok || bad "second run did not resume"
+"$fmtune" db show --db "$db" | grep -q "attn_fwd" && ok || bad "db show lists nothing"
+"$serve" "$db" 2 1000 128 4 2 1 && ok || bad "the runtime was not served the tuned shape"
+echo "$pass passed, $fail failed"
+[ $fail = 0 ]

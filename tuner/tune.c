@@ -1,0 +1,816 @@
+/*
+ * tune.c - the tuning engine.
+ *
+ * The tuner process never touches CUDA. It renders and compiles (NVRTC needs no GPU) on several
+ * threads into the on-disk kernel cache, then hands the list of variants to a worker process
+ * that owns the GPU: the worker sets up inputs and the reference once, then checks and times the
+ * variants one by one and reports each result on a pipe. A variant that faults poisons only the
+ * worker's CUDA context: the tuner records the fault for the variant the worker had announced,
+ * starts a new worker and goes on with the next one. Every result is recorded in the database as
+ * it arrives, so an interrupted run resumes where it stopped.
+ */
+#define _GNU_SOURCE
+#include "tune.h"
+#include "testdata.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct variant {
+    fm_config cfg;
+    fm_rendered r;            /* source freed after compiling; metadata kept */
+    fm_compile_info ci;
+    int compiled;             /* 1 ok, -1 failed */
+    char *log;                /* compile log on failure */
+    int skip;                 /* already in the database (resume) */
+    char status[16];          /* "" until decided */
+    char detail[256];
+    double median, min, mean, stddev, tflops, max_err, rel_err;
+    int runs;
+} variant;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- device probe ------------------------------------------------------------------------ */
+
+void fm_probe_gpu(fm_probe *p) {
+    memset(p, 0, sizeof *p);
+    int fd[2];
+    if (pipe(fd)) {
+        snprintf(p->why, sizeof p->why, "cannot create a pipe: %s", strerror(errno));
+        return;
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fd[0]);
+        fm_probe q;
+        memset(&q, 0, sizeof q);
+        const fm_driver *d = fm_driver_get(q.why, sizeof q.why);
+        CUdevice dev;
+        if (d && d->cuDeviceGet(&dev, 0) == CUDA_SUCCESS) {
+            q.present = 1;
+            d->cuDeviceGetName(q.name, sizeof q.name, dev);
+            d->cuDeviceGetAttribute(&q.cc_major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
+            d->cuDeviceGetAttribute(&q.cc_minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev);
+            d->cuDeviceGetAttribute(&q.sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev);
+            d->cuDeviceGetAttribute(&q.smem_optin,
+                                    CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev);
+            d->cuDeviceGetAttribute(&q.l2_bytes, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, dev);
+            d->cuDriverGetVersion(&q.driver_version);
+            size_t mem = 0;
+            d->cuDeviceTotalMem(&mem, dev);
+            q.mem_bytes = (long long)mem;
+        }
+        ssize_t w = write(fd[1], &q, sizeof q);
+        _exit(w == (ssize_t)sizeof q ? 0 : 1);
+    }
+    close(fd[1]);
+    if (pid < 0) {
+        close(fd[0]);
+        snprintf(p->why, sizeof p->why, "cannot fork: %s", strerror(errno));
+        return;
+    }
+    ssize_t n = read(fd[0], p, sizeof *p);
+    close(fd[0]);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    if (n != (ssize_t)sizeof *p) {
+        memset(p, 0, sizeof *p);
+        snprintf(p->why, sizeof p->why, "the device probe died (signal %d)",
+                 WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+    }
+}
+
+int fm_gpu_arch(const char *want) {
+    if (!want) return 0;
+    if (!strcasecmp(want, "h100") || !strcasecmp(want, "h200") || !strcasecmp(want, "h800") ||
+        !strcasecmp(want, "h20") || !strcasecmp(want, "gh200"))
+        return 90;
+    if (!strcasecmp(want, "a100") || !strcasecmp(want, "a800")) return 80;
+    return 0;
+}
+
+/* --gpu h100 matches "NVIDIA H100 80GB HBM3" but not "NVIDIA H200"; a longer value matches any
+ * card whose name contains it (case-insensitive); "auto" matches anything. */
+int fm_gpu_matches(const char *want, const char *name) {
+    if (!want || !strcasecmp(want, "auto")) return 1;
+    size_t wl = strlen(want);
+    for (const char *p = name; *p; p++) {
+        if (strncasecmp(p, want, wl) != 0) continue;
+        /* the fragment must not continue as a longer model number: H100 vs H1000 */
+        if (isdigit((unsigned char)want[wl - 1]) && isdigit((unsigned char)p[wl])) continue;
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- enumeration ------------------------------------------------------------------------- */
+
+typedef struct enum_acc {
+    variant *v;
+    int n, cap;
+    int culled;
+    char reasons[16][160];
+    int reason_count[16];
+    int nreasons;
+} enum_acc;
+
+static int collect(void *user, const fm_config *c, const char *reason) {
+    enum_acc *a = user;
+    if (reason) {
+        a->culled++;
+        int i;
+        for (i = 0; i < a->nreasons; i++)
+            if (!strcmp(a->reasons[i], reason)) break;
+        if (i == a->nreasons && a->nreasons < 16) {
+            snprintf(a->reasons[i], sizeof a->reasons[i], "%s", reason);
+            a->nreasons++;
+        }
+        if (i < 16) a->reason_count[i]++;
+        return 0;
+    }
+    if (a->n == a->cap) {
+        int cap = a->cap ? a->cap * 2 : 64;
+        variant *nv = realloc(a->v, (size_t)cap * sizeof *nv);
+        if (!nv) return 1;
+        a->v = nv;
+        a->cap = cap;
+    }
+    memset(&a->v[a->n], 0, sizeof a->v[a->n]);
+    a->v[a->n++].cfg = *c;
+    return 0;
+}
+
+/* ---- compiling ------------------------------------------------------------------------------ */
+
+typedef struct compile_job {
+    variant *v;
+    int n;
+    int next;
+    int arch;
+    fm_jit *jit;
+    pthread_mutex_t lock;
+    int done;
+    double t0;
+} compile_job;
+
+static void *compile_worker(void *arg) {
+    compile_job *j = arg;
+    for (;;) {
+        pthread_mutex_lock(&j->lock);
+        int i = j->next < j->n ? j->next++ : -1;
+        pthread_mutex_unlock(&j->lock);
+        if (i < 0) break;
+        variant *v = &j->v[i];
+        if (v->skip || v->compiled) continue;
+        void *cubin = NULL;
+        size_t size = 0;
+        fm_status s = fm_jit_compile(j->jit, v->cfg.name, &v->r, j->arch, &cubin, &size, &v->ci,
+                                     &v->log);
+        free(cubin);
+        fm_rendered_free(&v->r);
+        v->compiled = s == FM_OK ? 1 : -1;
+        if (s == FM_OK) {
+            free(v->log);
+            v->log = NULL;
+        }
+        pthread_mutex_lock(&j->lock);
+        j->done++;
+        fprintf(stderr, "\r  compiled %d/%d (%.0f s)   ", j->done, j->n, now_s() - j->t0);
+        pthread_mutex_unlock(&j->lock);
+    }
+    return NULL;
+}
+
+/* ---- the worker process ------------------------------------------------------------------ */
+
+static int cuda_is_sticky(fm_status s) { return s == FM_ERR_CUDA; }
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Runs in the child. Writes "B i" before variant i and "R i status ..." after it. */
+static void worker_main(int out_fd, const fm_tune_opts *o, variant *v, const int *idx, int n,
+                        double deadline) {
+    FILE *out = fdopen(out_fd, "w");
+    if (!out) _exit(10);
+    setvbuf(out, NULL, _IOLBF, 0);
+    fm_context_options co;
+    memset(&co, 0, sizeof co);
+    co.cache_dir = o->cache_dir;
+    co.no_database = 1;
+    fm_context *ctx = NULL;
+    if (fm_context_create_v2(&ctx, &co) != FM_OK) {
+        fprintf(out, "S context: %s\n", fm_last_error(NULL));
+        _exit(11);
+    }
+    char err[1024] = "";
+    void *state = NULL;
+    fm_status s = o->op->setup(ctx, &o->prob, &state, err, sizeof err);
+    if (s != FM_OK) {
+        fprintf(out, "S setup: %s\n", err);
+        _exit(12);
+    }
+    const fm_driver *d = ctx->drv;
+    CUstream stream = NULL;
+    CUevent e0 = NULL, e1 = NULL;
+    CUdeviceptr flush = 0;
+    int l2 = 0;
+    fm_context_enter(ctx);
+    d->cuDeviceGetAttribute(&l2, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, ctx->dev);
+    size_t flush_bytes = (size_t)(l2 > 0 ? l2 : 64 << 20) * 2;
+    if (d->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS ||
+        d->cuEventCreate(&e0, CU_EVENT_DEFAULT) != CUDA_SUCCESS ||
+        d->cuEventCreate(&e1, CU_EVENT_DEFAULT) != CUDA_SUCCESS ||
+        d->cuMemAlloc(&flush, flush_bytes) != CUDA_SUCCESS) {
+        fprintf(out, "S cannot create streams, events or the L2 flush buffer\n");
+        _exit(13);
+    }
+    fm_context_leave(ctx);
+    double flops = o->op->flops(&o->prob);
+    int runs = o->runs > 0 ? o->runs : 30;
+    double *t = calloc((size_t)runs, sizeof *t);
+    if (!t) _exit(14);
+
+    for (int q = 0; q < n; q++) {
+        int i = idx[q];
+        if (deadline > 0 && now_s() > deadline) {
+            fprintf(out, "R %d skipped 0 0 0 0 0 0 0 time budget used up\n", i);
+            continue;
+        }
+        fprintf(out, "B %d\n", i);
+        const fm_loaded *k = NULL;
+        s = fm_context_load(ctx, &v[i].cfg, &k);
+        if (s != FM_OK) {
+            const char *m = fm_last_error(ctx);
+            char line[200];
+            snprintf(line, sizeof line, "%s", m);
+            for (char *c = line; *c; c++)
+                if (*c == '\n') *c = ' ';
+            fprintf(out, "R %d %s 0 0 0 0 0 0 0 %s\n", i,
+                    s == FM_ERR_COMPILE ? "compile_error" : "fault", line);
+            if (cuda_is_sticky(s)) _exit(3);
+            continue;
+        }
+        fm_check chk;
+        memset(&chk, 0, sizeof chk);
+        fm_context_enter(ctx);
+        s = o->op->poison(state, stream);
+        if (s == FM_OK) s = o->op->run(ctx, state, k, 0, stream);
+        CUresult cr = s == FM_OK ? d->cuStreamSynchronize(stream) : CUDA_SUCCESS;
+        fm_context_leave(ctx);
+        if (s != FM_OK || cr != CUDA_SUCCESS) {
+            char b[200];
+            const char *m = s != FM_OK ? fm_last_error(ctx) : fm_driver_error_text(cr, b, sizeof b);
+            fprintf(out, "R %d fault 0 0 0 0 0 0 0 %s\n", i, m);
+            _exit(3); /* the context may be poisoned: start afresh */
+        }
+        fm_context_enter(ctx);
+        s = o->op->check(state, &chk);
+        fm_context_leave(ctx);
+        if (s != FM_OK) {
+            fprintf(out, "R %d fault 0 0 0 0 0 0 0 reading the output back failed\n", i);
+            _exit(3);
+        }
+        if (!chk.ok) {
+            fprintf(out, "R %d wrong 0 0 0 0 0 %.3e %.3e %s\n", i, chk.max_abs_err, chk.rel_err,
+                    chk.detail);
+            continue;
+        }
+        /* Timing: warm up, then `runs` launches each preceded by an L2 flush (outside the
+         * events), median reported. Inputs rotate where the op keeps several copies. */
+        fm_context_enter(ctx);
+        int bad = 0;
+        for (int w = 0; w < 3 && !bad; w++) bad = o->op->run(ctx, state, k, w, stream) != FM_OK;
+        float ms = 0;
+        int r;
+        for (r = 0; r < runs && !bad; r++) {
+            d->cuMemsetD32Async(flush, (unsigned)r, flush_bytes / 4, stream);
+            d->cuEventRecord(e0, stream);
+            bad = o->op->run(ctx, state, k, r + 1, stream) != FM_OK;
+            d->cuEventRecord(e1, stream);
+            if (d->cuEventSynchronize(e1) != CUDA_SUCCESS ||
+                d->cuEventElapsedTime(&ms, e0, e1) != CUDA_SUCCESS)
+                bad = 1;
+            t[r] = ms;
+        }
+        fm_context_leave(ctx);
+        if (bad) {
+            fprintf(out, "R %d fault 0 0 0 0 0 0 0 failed while timing: %s\n", i, fm_last_error(ctx));
+            _exit(3);
+        }
+        double sum = 0, sq = 0;
+        for (int j = 0; j < r; j++) sum += t[j];
+        double mean = sum / r;
+        for (int j = 0; j < r; j++) sq += (t[j] - mean) * (t[j] - mean);
+        qsort(t, (size_t)r, sizeof *t, cmp_double);
+        double med = r % 2 ? t[r / 2] : 0.5 * (t[r / 2 - 1] + t[r / 2]);
+        fprintf(out, "R %d ok %.6f %.6f %.6f %.6f %d %.3e %.3e %s\n", i, med, t[0], mean,
+                r > 1 ? sqrt(sq / (r - 1)) : 0.0, r, chk.max_abs_err, chk.rel_err, chk.detail);
+        (void)flops;
+    }
+    free(t);
+    o->op->teardown(state);
+    fm_context_destroy(ctx);
+    fclose(out);
+    _exit(0);
+}
+
+/* ---- recording ---------------------------------------------------------------------------- */
+
+typedef struct recorder {
+    fm_db *db;
+    long long device_id;
+    const fm_tune_opts *o;
+    const char *device_name;
+    double flops;
+} recorder;
+
+static void record(recorder *rc, variant *v) {
+    if (!rc->db) return;
+    char err[512] = "", params[1024];
+    long long cid = 0;
+    fm_config_params_string(&v->cfg, params, sizeof params);
+    if (fm_db_upsert_config(rc->db, v->cfg.family, v->cfg.name, params, v->r.template_hash, &cid,
+                            err, sizeof err) != FM_OK) {
+        fprintf(stderr, "\nfmtune: database: %s\n", err);
+        return;
+    }
+    fm_db_measurement m;
+    fm_db_measurement_init(&m);
+    m.device_id = rc->device_id;
+    m.config_id = cid;
+    m.op = rc->o->op->name;
+    m.dtype = rc->o->prob.dtype;
+    m.shape = rc->o->prob.shape;
+    m.status = v->status;
+    m.detail = v->detail[0] ? v->detail : NULL;
+    if (!strcmp(v->status, "ok")) {
+        m.median_ms = v->median;
+        m.min_ms = v->min;
+        m.mean_ms = v->mean;
+        m.stddev_ms = v->stddev;
+        m.runs = v->runs;
+        m.tflops = v->tflops;
+    }
+    if (!strcmp(v->status, "ok") || !strcmp(v->status, "wrong")) {
+        m.max_abs_err = v->max_err;
+        m.rel_err = v->rel_err;
+    }
+    if (v->compiled == 1) {
+        m.registers = v->ci.registers;
+        m.spills = v->ci.spill_stores + v->ci.spill_loads;
+        m.compile_ms = v->ci.compile_ms;
+    }
+    m.smem_bytes = v->r.smem_bytes;
+    m.tool_version = "fmtune " FM_VERSION_STRING;
+    if (fm_db_add_measurement(rc->db, &m, err, sizeof err) != FM_OK)
+        fprintf(stderr, "\nfmtune: database: %s\n", err);
+}
+
+static void progress(const variant *v, int done, int total) {
+    if (!strcmp(v->status, "ok"))
+        fprintf(stderr, "[%3d/%d] %-58s %9.4f ms %7.1f TFLOP/s  rel %.1e\n", done, total,
+                v->cfg.name, v->median, v->tflops, v->rel_err);
+    else
+        fprintf(stderr, "[%3d/%d] %-58s %-13s %.90s\n", done, total, v->cfg.name, v->status,
+                v->detail);
+}
+
+/* Parses one result line into v. Returns the variant index, or -1. */
+static int parse_result(char *line, variant *v, int nv, double flops) {
+    int i = -1, runs = 0, pos = 0;
+    char status[16];
+    double med, mn, mean, sd, maxe, rel;
+    if (sscanf(line, "R %d %15s %lf %lf %lf %lf %d %lf %lf %n", &i, status, &med, &mn, &mean, &sd,
+               &runs, &maxe, &rel, &pos) < 9 || i < 0 || i >= nv)
+        return -1;
+    variant *x = &v[i];
+    snprintf(x->status, sizeof x->status, "%s", status);
+    snprintf(x->detail, sizeof x->detail, "%s", line + pos);
+    x->median = med;
+    x->min = mn;
+    x->mean = mean;
+    x->stddev = sd;
+    x->runs = runs;
+    x->max_err = maxe;
+    x->rel_err = rel;
+    x->tflops = med > 0 ? flops / (med * 1e-3) / 1e12 : 0;
+    return i;
+}
+
+/* Measures the variants listed in todo (indices into v), restarting the worker after faults.
+ * Returns the number measured "ok". */
+static int measure(const fm_tune_opts *o, variant *v, int nv, int *todo, int ntodo, recorder *rc) {
+    double deadline = o->budget_s > 0 ? now_s() + o->budget_s : 0;
+    double flops = o->op->flops(&o->prob);
+    int done = 0, ok = 0, setup_failures = 0;
+    int start = 0;
+    while (start < ntodo) {
+        int fd[2];
+        if (pipe(fd)) return ok;
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(fd[0]);
+            worker_main(fd[1], o, v, todo + start, ntodo - start, deadline);
+        }
+        close(fd[1]);
+        if (pid < 0) {
+            close(fd[0]);
+            return ok;
+        }
+        char buf[8192];
+        size_t have = 0;
+        int current = -1, finished_all = 0;
+        double began = now_s();
+        for (;;) {
+            struct pollfd pfd = {fd[0], POLLIN, 0};
+            double limit = o->variant_timeout_s > 0 ? o->variant_timeout_s : 300;
+            int pr = poll(&pfd, 1, 1000);
+            if (pr == 0) {
+                if (current >= 0 && now_s() - began > limit) {
+                    kill(pid, SIGKILL);
+                    snprintf(v[current].status, sizeof v[current].status, "timeout");
+                    snprintf(v[current].detail, sizeof v[current].detail,
+                             "no result after %.0f s", limit);
+                    break;
+                }
+                continue;
+            }
+            if (pr < 0 && errno == EINTR) continue;
+            ssize_t n = read(fd[0], buf + have, sizeof buf - 1 - have);
+            if (n <= 0) break;
+            have += (size_t)n;
+            buf[have] = 0;
+            char *line = buf, *nl;
+            while ((nl = strchr(line, '\n'))) {
+                *nl = 0;
+                if (line[0] == 'B') {
+                    current = atoi(line + 2);
+                    began = now_s();
+                } else if (line[0] == 'R') {
+                    int i = parse_result(line, v, nv, flops);
+                    if (i >= 0) {
+                        if (strcmp(v[i].status, "skipped")) {
+                            record(rc, &v[i]);
+                            ok += !strcmp(v[i].status, "ok");
+                        }
+                        progress(&v[i], ++done, ntodo);
+                        start++;
+                        if (start == ntodo) finished_all = 1;
+                    }
+                    current = -1;
+                } else if (line[0] == 'S') {
+                    fprintf(stderr, "fmtune: worker: %s\n", line + 2);
+                    setup_failures++;
+                }
+                line = nl + 1;
+            }
+            have = strlen(line);
+            memmove(buf, line, have + 1);
+        }
+        close(fd[0]);
+        int st = 0;
+        waitpid(pid, &st, 0);
+        if (finished_all) break;
+        if (current >= 0) {
+            /* the worker died inside variant `current` without reporting it */
+            if (!v[current].status[0]) {
+                snprintf(v[current].status, sizeof v[current].status, "fault");
+                snprintf(v[current].detail, sizeof v[current].detail,
+                         "worker died (%s %d) while running it",
+                         WIFSIGNALED(st) ? "signal" : "exit code",
+                         WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+            }
+            record(rc, &v[current]);
+            progress(&v[current], ++done, ntodo);
+            start++;
+        } else if (setup_failures) {
+            fprintf(stderr, "fmtune: the worker could not set up the problem; giving up\n");
+            break;
+        }
+        if (setup_failures > 2) break;
+    }
+    return ok;
+}
+
+/* ---- reporting ------------------------------------------------------------------------------ */
+
+static int cmp_variant(const void *a, const void *b) {
+    const variant *x = *(variant *const *)a, *y = *(variant *const *)b;
+    int xo = !strcmp(x->status, "ok"), yo = !strcmp(y->status, "ok");
+    if (xo != yo) return yo - xo;
+    if (xo) return x->median < y->median ? -1 : x->median > y->median;
+    return strcmp(x->cfg.name, y->cfg.name);
+}
+
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            fprintf(f, "\\%c", *s);
+        else if ((unsigned char)*s < 0x20)
+            fprintf(f, "\\u%04x", *s);
+        else
+            fputc(*s, f);
+    }
+    fputc('"', f);
+}
+
+typedef struct show_acc {
+    int n;
+} show_acc;
+
+static int show_measurement(void *user, const fm_db_measurement *m) {
+    show_acc *a = user;
+    if (a->n++ == 0)
+        fprintf(stderr, "  %-58s %-8s %10s %9s\n", "configuration", "status", "median ms", "TFLOP/s");
+    if (a->n > 20) return 0;
+    fprintf(stderr, "  %-58s %-8s %10.4f %9.1f\n", m->config_name, m->status,
+            isnan(m->median_ms) ? 0.0 : m->median_ms, isnan(m->tflops) ? 0.0 : m->tflops);
+    return 0;
+}
+
+/* What the database holds for this shape (read-only; nothing is created). */
+static void show_db_for_shape(const fm_tune_opts *o, const char *device) {
+    char err[512] = "";
+    fm_db *db = NULL;
+    if (access(o->db_path, F_OK) != 0) {
+        fprintf(stderr, "database %s: does not exist yet\n", o->db_path);
+        return;
+    }
+    if (fm_db_open(&db, o->db_path, FM_DB_READONLY, err, sizeof err) != FM_OK) {
+        fprintf(stderr, "database %s: %s\n", o->db_path, err);
+        return;
+    }
+    fm_db_filter f;
+    memset(&f, 0, sizeof f);
+    f.device_name = device;
+    f.op = o->op->name;
+    f.dtype = o->prob.dtype;
+    f.shape = o->prob.shape;
+    show_acc a = {0};
+    fprintf(stderr, "database %s holds for %s %s %s%s%s:\n", o->db_path, o->op->name,
+            o->prob.dtype, o->prob.shape, device ? " on " : "", device ? device : "");
+    fm_db_foreach_measurement(db, &f, show_measurement, &a, err, sizeof err);
+    if (!a.n) fprintf(stderr, "  nothing\n");
+    fm_db_close(db);
+}
+
+/* ---- the whole run ------------------------------------------------------------------------ */
+
+int fm_tune(const fm_tune_opts *o) {
+    double t_start = now_s();
+    fm_probe pr;
+    fm_probe_gpu(&pr);
+    int arch;
+    fm_limits lim;
+    if (pr.present) {
+        if (!fm_gpu_matches(o->gpu, pr.name)) {
+            fprintf(stderr, "fmtune: --gpu %s does not match the GPU present (%s); use --gpu auto "
+                    "or name this card\n", o->gpu, pr.name);
+            return FM_EXIT_MISMATCH;
+        }
+        arch = pr.cc_major * 10 + pr.cc_minor;
+        fm_arch_limits(arch, &lim);
+        if (pr.smem_optin > 0) lim.smem_per_block = pr.smem_optin;
+    } else {
+        arch = fm_gpu_arch(o->gpu);
+        if (!arch) arch = 90;
+        fm_arch_limits(arch, &lim);
+    }
+
+    char err[1024] = "";
+    fm_generator *gen = NULL;
+    if (fm_generator_open(&gen, err, sizeof err) != FM_OK) {
+        fprintf(stderr, "fmtune: %s\n", err);
+        return FM_EXIT_USAGE;
+    }
+    /* enumerate every family of the op */
+    enum_acc acc;
+    memset(&acc, 0, sizeof acc);
+    char fams[512];
+    snprintf(fams, sizeof fams, "%s", o->families ? o->families : o->op->families);
+    int nfam = 0;
+    char *save = NULL;
+    for (char *f = strtok_r(fams, ",", &save); f; f = strtok_r(NULL, ",", &save)) {
+        fm_status s = fm_generator_enumerate(gen, f, &o->prob.p, &lim, collect, &acc, err, sizeof err);
+        if (s != FM_OK) {
+            fprintf(stderr, "fmtune: %s\n", err);
+            fm_generator_close(gen);
+            free(acc.v);
+            return FM_EXIT_USAGE;
+        }
+        nfam++;
+    }
+    fprintf(stderr, "fmtune: %s %s %s on %s (sm_%d): %d variants in %d families, %d culled\n",
+            o->op->name, o->prob.dtype, o->prob.shape, pr.present ? pr.name : "no GPU", arch,
+            acc.n, nfam, acc.culled);
+    for (int i = 0; i < acc.nreasons; i++)
+        fprintf(stderr, "  culled %3d: %s\n", acc.reason_count[i], acc.reasons[i]);
+    variant *v = acc.v;
+    int nv = acc.n;
+    if (o->max_variants > 0 && nv > o->max_variants) nv = o->max_variants;
+
+    /* database: opened for writing only when there is something to measure */
+    recorder rc;
+    memset(&rc, 0, sizeof rc);
+    rc.o = o;
+    rc.device_name = pr.name;
+    if (pr.present) {
+        if (fm_db_open(&rc.db, o->db_path, FM_DB_CREATE, err, sizeof err) != FM_OK) {
+            fprintf(stderr, "fmtune: database %s: %s\n", o->db_path, err);
+            fm_generator_close(gen);
+            free(v);
+            return FM_EXIT_DATABASE;
+        }
+        fm_db_device dv;
+        memset(&dv, 0, sizeof dv);
+        snprintf(dv.name, sizeof dv.name, "%s", pr.name);
+        dv.cc_major = pr.cc_major;
+        dv.cc_minor = pr.cc_minor;
+        dv.sm_count = pr.sm_count;
+        dv.mem_bytes = pr.mem_bytes;
+        dv.driver_version = pr.driver_version;
+        dv.nvrtc_version = fm_nvrtc_version();
+        if (fm_db_upsert_device(rc.db, &dv, &rc.device_id, err, sizeof err) != FM_OK) {
+            fprintf(stderr, "fmtune: database %s: %s\n", o->db_path, err);
+            fm_db_close(rc.db);
+            fm_generator_close(gen);
+            free(v);
+            return FM_EXIT_DATABASE;
+        }
+        if (!o->retune)
+            for (int i = 0; i < nv; i++) {
+                int found = 0;
+                fm_db_has_measurement(rc.db, pr.name, o->op->name, o->prob.dtype, o->prob.shape,
+                                      v[i].cfg.name, &found, err, sizeof err);
+                v[i].skip = found;
+            }
+    }
+
+    /* render (one Lua state, so sequential) and compile (NVRTC, in parallel) */
+    int nskip = 0, nrender_fail = 0;
+    for (int i = 0; i < nv; i++) {
+        nskip += v[i].skip;
+        if (fm_generator_render(gen, &v[i].cfg, &v[i].r, err, sizeof err) != FM_OK) {
+            v[i].compiled = -1;
+            v[i].log = strdup(err);
+            nrender_fail++;
+        }
+    }
+    fm_generator_close(gen);
+    if (nskip)
+        fprintf(stderr, "fmtune: %d of %d variants already measured in %s (resuming; --retune "
+                "measures them again)\n", nskip, nv, o->db_path);
+    fm_jit *jit = NULL;
+    fm_jit_open(&jit, o->cache_dir);
+    compile_job cj = {v, nv, 0, arch, jit, PTHREAD_MUTEX_INITIALIZER, 0, now_s()};
+    int jobs = o->jobs > 0 ? o->jobs : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (jobs < 1) jobs = 1;
+    if (jobs > 64) jobs = 64;
+    pthread_t th[64];
+    int started = 0;
+    for (int i = 0; i < jobs; i++)
+        if (pthread_create(&th[i], NULL, compile_worker, &cj) == 0) started++;
+    if (!started) compile_worker(&cj);
+    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+    fm_jit_close(jit);
+    double compile_wall = now_s() - cj.t0;
+    fprintf(stderr, "\n");
+
+    /* static rejection */
+    int ncompiled = 0, nfailed = 0, nrejected = 0;
+    double compile_sum = 0;
+    int *todo = calloc((size_t)nv + 1, sizeof *todo);
+    int ntodo = 0;
+    for (int i = 0; i < nv; i++) {
+        variant *x = &v[i];
+        if (x->skip) continue;
+        if (x->compiled != 1) {
+            nfailed++;
+            snprintf(x->status, sizeof x->status, "compile_error");
+            snprintf(x->detail, sizeof x->detail, "%.255s", x->log ? x->log : "");
+            fprintf(stderr, "compile error in %s:\n%.2000s\n", x->cfg.name, x->log ? x->log : "");
+            record(&rc, x);
+            continue;
+        }
+        ncompiled++;
+        if (!x->ci.from_cache) compile_sum += x->ci.compile_ms;
+        if (x->ci.spill_stores || x->ci.spill_loads) {
+            nrejected++;
+            snprintf(x->status, sizeof x->status, "rejected");
+            snprintf(x->detail, sizeof x->detail, "spills: %d bytes stored, %d loaded (%d registers)",
+                     x->ci.spill_stores, x->ci.spill_loads, x->ci.registers);
+            record(&rc, x);
+            continue;
+        }
+        if (x->r.smem_bytes + x->ci.static_smem > lim.smem_per_block) {
+            nrejected++;
+            snprintf(x->status, sizeof x->status, "rejected");
+            snprintf(x->detail, sizeof x->detail, "shared memory %d + %d > %d",
+                     x->r.smem_bytes, x->ci.static_smem, lim.smem_per_block);
+            record(&rc, x);
+            continue;
+        }
+        todo[ntodo++] = i;
+    }
+    int fresh = 0;
+    for (int i = 0; i < nv; i++) fresh += v[i].compiled == 1 && !v[i].ci.from_cache;
+    fprintf(stderr, "fmtune: compiled %d (%d fresh, %.0f ms each on average, %.1f s wall on %d "
+            "threads), %d failed, %d rejected statically (spills or shared memory)\n",
+            ncompiled, fresh, fresh ? compile_sum / fresh : 0.0, compile_wall, jobs, nfailed,
+            nrejected);
+
+    int rc_exit = FM_EXIT_OK;
+    if (!pr.present) {
+        fprintf(stderr, "fmtune: would time %d variants of %s %s %s\n", ntodo, o->op->name,
+                o->prob.dtype, o->prob.shape);
+        show_db_for_shape(o, NULL);
+        fprintf(stderr, "fmtune: no GPU to measure on: %s\n", pr.why);
+        rc_exit = FM_EXIT_NO_GPU;
+    } else {
+        double t_measure = now_s();
+        int ok = ntodo ? measure(o, v, nv, todo, ntodo, &rc) : 0;
+        fprintf(stderr, "fmtune: measured %d variants in %.1f s, %d correct\n", ntodo,
+                now_s() - t_measure, ok);
+        if (ntodo && !ok && !nskip) rc_exit = FM_EXIT_FAILED;
+    }
+
+    /* summary */
+    variant **order = calloc((size_t)nv + 1, sizeof *order);
+    int no = 0;
+    for (int i = 0; i < nv; i++)
+        if (v[i].status[0]) order[no++] = &v[i];
+    qsort(order, (size_t)no, sizeof *order, cmp_variant);
+    if (pr.present && no) {
+        printf("\n%-4s %-60s %-13s %10s %9s %9s %5s\n", "rank", "configuration", "status",
+               "median ms", "TFLOP/s", "rel err", "regs");
+        for (int i = 0; i < no; i++) {
+            variant *x = order[i];
+            if (!strcmp(x->status, "ok"))
+                printf("%-4d %-60s %-13s %10.4f %9.1f %9.1e %5d\n", i + 1, x->cfg.name, x->status,
+                       x->median, x->tflops, x->rel_err, x->ci.registers);
+            else
+                printf("%-4s %-60s %-13s %.60s\n", "-", x->cfg.name, x->status, x->detail);
+        }
+    }
+    if (rc.db) {
+        fm_db_best b;
+        if (fm_db_lookup_best(rc.db, pr.name, o->op->name, o->prob.dtype, o->prob.shape, &b, err,
+                              sizeof err) == FM_OK)
+            printf("\nbest for %s %s %s on %s: %s  %.4f ms  %.1f TFLOP/s  (recorded in %s)\n",
+                   o->op->name, o->prob.dtype, o->prob.shape, pr.name, b.config_name, b.median_ms,
+                   b.tflops, o->db_path);
+    }
+    printf("tuning wall time %.1f s\n", now_s() - t_start);
+    if (o->json) {
+        printf("{\"op\":");
+        json_str(stdout, o->op->name);
+        printf(",\"dtype\":");
+        json_str(stdout, o->prob.dtype);
+        printf(",\"shape\":");
+        json_str(stdout, o->prob.shape);
+        printf(",\"device\":");
+        json_str(stdout, pr.present ? pr.name : "");
+        printf(",\"variants\":[");
+        for (int i = 0; i < no; i++) {
+            variant *x = order[i];
+            printf("%s{\"config\":", i ? "," : "");
+            json_str(stdout, x->cfg.name);
+            printf(",\"status\":");
+            json_str(stdout, x->status);
+            printf(",\"median_ms\":%.6f,\"tflops\":%.3f,\"rel_err\":%.3e,\"registers\":%d,"
+                   "\"compile_ms\":%.1f}",
+                   x->median, x->tflops, x->rel_err, x->ci.registers, x->ci.compile_ms);
+        }
+        printf("]}\n");
+    }
+    for (int i = 0; i < nv; i++) {
+        free(v[i].log);
+        fm_rendered_free(&v[i].r);
+    }
+    free(order);
+    free(todo);
+    free(acc.v);
+    fm_db_close(rc.db);
+    return rc_exit;
+}

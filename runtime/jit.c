@@ -188,7 +188,9 @@ fm_status fm_jit_compile(fm_jit *j, const char *name, const fm_rendered *r, int 
 
     char archopt[64];
     snprintf(archopt, sizeof archopt, "--gpu-architecture=sm_%d%s", arch, r->arch_suffix);
-    const char *opts[] = {archopt, "-std=c++17", "--ptxas-options=-v", "-DFM_NVRTC=1"};
+    /* -default-device: templates are device code only, helpers need no __device__ on lambdas */
+    const char *opts[] = {archopt, "-std=c++17", "--ptxas-options=-v", "-default-device",
+                          "-DFM_NVRTC=1"};
     const int nopts = (int)(sizeof opts / sizeof opts[0]);
 
     int nvrtc = fm_nvrtc_version();

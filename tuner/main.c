@@ -25,7 +25,7 @@ static void usage(FILE *f) {
 "       fmtune list [--op attn|moe] [--arch 80|90] [--dtype D] [--head-dim D] [--causal]\n"
 "       fmtune db show   [--db PATH] [--op OP] [--shape SHAPEKEY]\n"
 "       fmtune db export [--db PATH] [-o FILE]\n"
-"       fmtune db import --db PATH FILE.sql\n"
+"       fmtune db import --db PATH [--no-wal] FILE.sql\n"
 "       fmtune db merge  --db PATH OTHER.sqlite\n"
 "\n"
 "tuning options:\n"
@@ -130,10 +130,13 @@ static int db_main(int argc, char **argv) {
     char db_path[1024];
     fm_default_user_db_path(db_path, sizeof db_path);
     const char *out_path = NULL, *file = NULL, *op = NULL, *shape = NULL;
+    int no_wal = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--db") && val) {
+        if (!strcmp(a, "--no-wal")) {
+            no_wal = 1;
+        } else if (!strcmp(a, "--db") && val) {
             snprintf(db_path, sizeof db_path, "%s", val);
             i++;
         } else if (!strcmp(a, "-o") && val) {
@@ -173,7 +176,8 @@ static int db_main(int argc, char **argv) {
         fprintf(stderr, "fmtune: db merge: cannot read %s: %s\n", file, strerror(errno));
         return FM_EXIT_DATABASE;
     }
-    if (fm_db_open(&db, db_path, write ? FM_DB_CREATE : FM_DB_READONLY, err, sizeof err) != FM_OK) {
+    int flags = write ? FM_DB_CREATE | (no_wal ? FM_DB_NO_WAL : 0) : FM_DB_READONLY;
+    if (fm_db_open(&db, db_path, flags, err, sizeof err) != FM_OK) {
         fprintf(stderr, "fmtune: database %s: %s\n", db_path, err);
         free(text);
         return FM_EXIT_DATABASE;

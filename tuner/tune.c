@@ -579,6 +579,17 @@ static void show_db_for_shape(const fm_tune_opts *o, const char *device) {
 
 int fm_tune(const fm_tune_opts *o) {
     double t_start = now_s();
+    char err[1024] = "";
+    /* An existing database must be readable before any work is spent: a corrupt file is an
+     * error now, not after an hour of tuning. */
+    if (access(o->db_path, F_OK) == 0) {
+        fm_db *check = NULL;
+        if (fm_db_open(&check, o->db_path, FM_DB_READONLY, err, sizeof err) != FM_OK) {
+            fprintf(stderr, "fmtune: database %s: %s\n", o->db_path, err);
+            return FM_EXIT_DATABASE;
+        }
+        fm_db_close(check);
+    }
     fm_probe pr;
     fm_probe_gpu(&pr);
     int arch;
@@ -598,7 +609,6 @@ int fm_tune(const fm_tune_opts *o) {
         fm_arch_limits(arch, &lim);
     }
 
-    char err[1024] = "";
     fm_generator *gen = NULL;
     if (fm_generator_open(&gen, err, sizeof err) != FM_OK) {
         fprintf(stderr, "fmtune: %s\n", err);
@@ -745,8 +755,15 @@ int fm_tune(const fm_tune_opts *o) {
         fprintf(stderr, "fmtune: would time %d variants of %s %s %s\n", ntodo, o->op->name,
                 o->prob.dtype, o->prob.shape);
         show_db_for_shape(o, NULL);
+        fprintf(stderr, "tuning wall time %.1f s\n", now_s() - t_start);
         fprintf(stderr, "fmtune: no GPU to measure on: %s\n", pr.why);
-        rc_exit = FM_EXIT_NO_GPU;
+        for (int i = 0; i < nv; i++) {
+            free(v[i].log);
+            fm_rendered_free(&v[i].r);
+        }
+        free(todo);
+        free(acc.v);
+        return FM_EXIT_NO_GPU;
     } else {
         double t_measure = now_s();
         int ok = ntodo ? measure(o, v, nv, todo, ntodo, &rc) : 0;

@@ -1,0 +1,50 @@
+#!/bin/sh
+# bench/device.sh STAGE... - what one call on the GPU machine runs, from a build folder made on
+# the development machine and carried along (build/). Writes logs under $OUT.
+#   info      the card, driver, clocks as found (never changed)
+#   tests     the GPU tests (ctest -L gpu)
+#   attn      GPU attention correctness only (test_attention_gpu), FM_TEST_FAMILY may restrict it
+#   tune      fmtune --gpu auto --shape 8x4096x128 (the mission), then the served check
+#   tunegrid  fmtune over the benchmark grid (time-budgeted per shape)
+#   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG
+#   benchq    the same on a reduced grid
+#   moe       bench/bench_moe.py
+set -u
+B=${BUILD:-build}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export FLASHMOE_CACHE_DIR=${FLASHMOE_CACHE_DIR:-$PWD/$B/kcache}
+export FLASHMOE_DB=${FLASHMOE_DB:-$OUT/tuning.sqlite}
+export FLASHMOE_SHIPPED_DB=$PWD/$B/flashmoe-shipped.sqlite
+export PYTHONUNBUFFERED=1
+for stage in "$@"; do
+  echo "=== $stage ($(date +%T))"
+  case $stage in
+    info)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$OUT/device.txt" ;;
+    tests)
+      (cd "$B" && ctest -L gpu --output-on-failure --timeout 900 2>&1) > "$OUT/ctest_gpu.log"
+      grep -E "tests passed|Passed|Failed|\*\*\*" "$OUT/ctest_gpu.log" | tail -n 30 ;;
+    attn)
+      "$B/tests/test_attention_gpu" > "$OUT/attn_gpu.log" 2>&1; echo "rc=$?"
+      grep -E "FAIL|passed|device|^B:|reference" "$OUT/attn_gpu.log" | head -n 60 ;;
+    tune)
+      "$B/fmtune" --gpu auto --shape 8x4096x128 --db "$FLASHMOE_DB" > "$OUT/fmtune.log" 2> "$OUT/fmtune.err"; echo "rc=$?"
+      tail -n 40 "$OUT/fmtune.log"; grep -E "^fmtune" "$OUT/fmtune.err" ;;
+    tunegrid)
+      for d in 64 128 256; do for c in "" "--causal"; do for s in 512 1024 2048 4096 8192 16384; do
+        "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $c --db "$FLASHMOE_DB" \
+          --runs 10 --budget ${GRID_BUDGET:-6} >> "$OUT/tunegrid.log" 2>> "$OUT/tunegrid.err"
+      done; done; done
+      "$B/fmtune" --gpu auto --shape 8x4096x128 --causal --db "$FLASHMOE_DB" >> "$OUT/tunegrid.log" 2>> "$OUT/tunegrid.err"
+      grep "^best" "$OUT/tunegrid.log" ;;
+    bench)
+      python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;
+    benchq)
+      python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" --quick 2>&1 | tee "$OUT/bench_attn.log" | tail -n 30 ;;
+    moe)
+      python3 bench/bench_moe.py --lib "$B/libflashmoe.so" --out "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -n 30 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done

@@ -1,0 +1,8 @@
+-- flashmoe tuning database dump, schema version 1
+-- One row per line, rows in key order; rows refer to each other by natural key.
+-- Apply with fm_db_import (fmtune db import): re-applying changes nothing.
+-- devices
+-- configurations
+-- measurements
+-- best
+-- end

@@ -33,9 +33,10 @@ for stage in "$@"; do
       "$B/fmtune" --gpu auto --shape 8x4096x128 --db "$FLASHMOE_DB" > "$OUT/fmtune.log" 2> "$OUT/fmtune.err"; echo "rc=$?"
       tail -n 40 "$OUT/fmtune.log"; grep -E "^fmtune" "$OUT/fmtune.err" ;;
     tunegrid)
-      for d in 64 128 256; do for c in "" "--causal"; do for s in 512 1024 2048 4096 8192 16384; do
+      fam=${GRID_FAMILIES:+--families $GRID_FAMILIES}
+      for d in 64 128 256; do for c in "" "--causal"; do for s in ${GRID_SEQS:-512 1024 2048 4096 8192 16384}; do
         "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $c --db "$FLASHMOE_DB" \
-          --runs 10 --budget ${GRID_BUDGET:-6} >> "$OUT/tunegrid.log" 2>> "$OUT/tunegrid.err"
+          --runs 10 $fam >> "$OUT/tunegrid.log" 2>> "$OUT/tunegrid.err"
       done; done; done
       "$B/fmtune" --gpu auto --shape 8x4096x128 --causal --db "$FLASHMOE_DB" >> "$OUT/tunegrid.log" 2>> "$OUT/tunegrid.err"
       grep "^best" "$OUT/tunegrid.log" ;;

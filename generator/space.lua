@@ -214,31 +214,31 @@ end
 -- that the device supports, the one with the highest min_arch; its `default(problem, lim)` if it
 -- has one and that configuration is acceptable, else its first acceptable configuration.
 function space.c_default(op, names, problem, lim, emit)
-  local best
+  local fams = {}
   for _, n in ipairs(names) do
     local F = family(n)
-    if F.op == op and (not lim or F.min_arch <= lim.arch) and
-       (not best or F.min_arch > best.min_arch) then
-      best = F
-    end
+    if F.op == op and (not lim or F.min_arch <= lim.arch) then fams[#fams + 1] = F end
   end
-  if not best then error("no kernel family implements " .. op .. " on this device", 0) end
-  local F = best
-  if F.default then
-    local c = F.default(problem, lim or {})
-    if c then
-      for k, v in pairs(problem) do c[k] = v end
-      c.family = F.name
-      c.name = F.name_of(c)
-      if not space.check(F, c, lim) then return emit(c.name, space.flatten(F, c), nil, F.name) end
+  table.sort(fams, function(a, b) return a.min_arch > b.min_arch end)
+  -- The newest family the device supports wins, unless its constraints leave nothing for this
+  -- problem on this device (an sm_90a family on sm_100): then the next one.
+  for _, F in ipairs(fams) do
+    if F.default then
+      local c = F.default(problem, lim or {})
+      if c then
+        for k, v in pairs(problem) do c[k] = v end
+        c.family = F.name
+        c.name = F.name_of(c)
+        if not space.check(F, c, lim) then return emit(c.name, space.flatten(F, c), nil, F.name) end
+      end
     end
+    local chosen
+    space.enumerate(F, problem, lim, function(c, reason)
+      if not reason then chosen = c; return true end
+    end)
+    if chosen then return emit(chosen.name, space.flatten(F, chosen), nil, F.name) end
   end
-  local chosen
-  space.enumerate(F, problem, lim, function(c, reason)
-    if not reason then chosen = c; return true end
-  end)
-  if not chosen then error(F.name .. ": no acceptable configuration for this problem", 0) end
-  return emit(chosen.name, space.flatten(F, chosen), nil, F.name)
+  error("no kernel family implements " .. op .. " for this problem on this device", 0)
 end
 
 -- Families implementing `op` (nil: all), sorted by name.

@@ -54,8 +54,10 @@ fm_status fm_attn_prepare(const fm_context *ctx, const fm_attention_args *a,
                             "heads %d is not a multiple of kv_heads %d", a->heads, a->kv_heads);
     if (a->batch > 65535 || a->heads > 65535)
         return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT, "batch and heads must be at most 65535");
-    if (!isfinite(a->softmax_scale))
-        return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT, "softmax_scale is not finite");
+    if (!isfinite(a->softmax_scale) || a->softmax_scale < 0)
+        return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
+                            "softmax_scale %g: must be positive and finite (0: 1/sqrt(head_dim))",
+                            (double)a->softmax_scale);
     const void *ptrs[4] = {a->q, a->k, a->v, a->o};
     const char *names[4] = {"q", "k", "v", "o"};
     for (int i = 0; i < 4; i++) {
@@ -66,6 +68,12 @@ fm_status fm_attn_prepare(const fm_context *ctx, const fm_attention_args *a,
     }
     if (a->lse && (uintptr_t)a->lse % 4)
         return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT, "lse is not 4-byte aligned");
+    /* The kernels keep offsets inside a tile in 32 bits: a sequence stride must stay below 2^23
+     * elements (a tile spans at most 256 rows). */
+    if (a->q_stride[1] >= (1 << 23) || a->k_stride[1] >= (1 << 23) || a->v_stride[1] >= (1 << 23) ||
+        a->o_stride[1] >= (1 << 23))
+        return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
+                            "sequence strides must be below 2^23 elements");
     fm_status s;
     if ((s = check_strides(ctx, "q", a->q_stride)) || (s = check_strides(ctx, "k", a->k_stride)) ||
         (s = check_strides(ctx, "v", a->v_stride)) || (s = check_strides(ctx, "o", a->o_stride)))

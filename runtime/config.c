@@ -43,9 +43,12 @@ int fm_config_set_int(fm_config *c, const char *key, long long v) {
 }
 
 int fm_config_set_str(fm_config *c, const char *key, const char *v) {
+    char copy[sizeof c->params[0].sval]; /* v may point into the slot being overwritten */
+    if (!v[0] || strlen(v) >= sizeof copy) return -1;
+    memcpy(copy, v, strlen(v) + 1);
     fm_param *p = slot(c, key);
-    if (!p || !v[0] || strlen(v) >= sizeof p->sval) return -1;
-    snprintf(p->sval, sizeof p->sval, "%s", v);
+    if (!p) return -1;
+    memcpy(p->sval, copy, sizeof copy);
     return 0;
 }
 

@@ -9,9 +9,6 @@
 #include <stdio.h>
 #include <string.h>
 
-typedef CUresult(CUDAAPI *get_proc_fn)(const char *, void **, int, cuuint64_t,
-                                       CUdriverProcAddressQueryResult *);
-
 static fm_driver g_driver;
 static int g_state;          /* 0 untried, 1 ok, -1 failed */
 static char g_why[256];
@@ -24,22 +21,19 @@ static void load_driver(void) {
         g_state = -1;
         return;
     }
-    get_proc_fn get_proc = (get_proc_fn)dlsym(lib, "cuGetProcAddress_v2");
-    if (!get_proc) {
-        snprintf(g_why, sizeof g_why, "CUDA driver too old: no cuGetProcAddress_v2");
-        g_state = -1;
-        return;
-    }
-    /* Each entry point is asked for at the ABI of the toolkit we were built against, which is
-     * the signature cuda.h declared (e.g. cuMemAlloc -> cuMemAlloc_v2). */
+    /* Each entry point is resolved under the exact name cuda.h maps it to (cuMemAlloc ->
+     * cuMemAlloc_v2), so its ABI is the one declared in the header we compiled against, as if we
+     * had linked libcuda. cuGetProcAddress is not used: asked for "cuCtxSynchronize" at CUDA 13.0
+     * it hands out cuCtxSynchronize_v2(CUcontext), a different signature from the header's
+     * cuCtxSynchronize(void). */
+#define FM_XSTR(x) FM_STR(x)
+#define FM_STR(x) #x
 #define FM_RESOLVE(name, args)                                                                 \
     {                                                                                          \
-        void *pfn = NULL;                                                                      \
-        CUdriverProcAddressQueryResult q;                                                      \
-        CUresult r = get_proc(#name, &pfn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, &q);     \
-        if (r != CUDA_SUCCESS || !pfn) {                                                       \
+        void *pfn = dlsym(lib, FM_XSTR(name));                                                 \
+        if (!pfn) {                                                                            \
             snprintf(g_why, sizeof g_why, "CUDA driver lacks %s (driver older than CUDA %d.%d?)", \
-                     #name, CUDA_VERSION / 1000, (CUDA_VERSION % 1000) / 10);                  \
+                     FM_XSTR(name), CUDA_VERSION / 1000, (CUDA_VERSION % 1000) / 10);          \
             g_state = -1;                                                                      \
             return;                                                                            \
         }                                                                                      \

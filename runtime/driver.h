@@ -2,7 +2,7 @@
  * driver.h - the CUDA driver API, loaded at run time.
  *
  * libflashmoe never links libcuda: it opens libcuda.so.1 with dlopen on first use and resolves
- * every entry point through cuGetProcAddress, so that everything but launching (generating,
+ * every entry point by its versioned name (see driver.c), so that everything but launching (generating,
  * compiling, database work) runs on a machine with no GPU and says so plainly when asked to launch.
  * cuda.h is used for its types and constants only.
  */

@@ -87,19 +87,33 @@ void fm_jit_close(fm_jit *j) {
     free(j);
 }
 
-/* Reads the ptxas report NVRTC put in the program log. */
+/* Reads the ptxas report NVRTC put in the program log. A module may hold several kernels: the
+ * report keeps the largest register count and stack, and the total of the spills. */
 static void parse_ptxas(const char *log, fm_compile_info *info) {
-    const char *p;
-    if ((p = strstr(log, "Used "))) sscanf(p, "Used %d registers", &info->registers);
-    if ((p = strstr(log, "bytes stack frame")))
-        while (p > log && p[-1] != '\n' && p[-1] != ',') p--;
-    if (p) sscanf(p, " %d bytes stack frame, %d bytes spill stores, %d bytes spill loads",
-                  &info->stack_bytes, &info->spill_stores, &info->spill_loads);
-    if ((p = strstr(log, "bytes smem"))) {
-        while (p > log && p[-1] != ' ') p--;
-        while (p > log && p[-1] == ' ') p--;
-        while (p > log && p[-1] != ' ' && p[-1] != ',') p--;
-        sscanf(p, "%d", &info->static_smem);
+    for (const char *p = log; (p = strstr(p, "Used ")); p += 5) {
+        int regs = 0;
+        if (sscanf(p, "Used %d registers", &regs) == 1 && regs > info->registers)
+            info->registers = regs;
+        const char *eol = strchr(p, '\n');
+        const char *sm = strstr(p, "bytes smem");
+        if (sm && (!eol || sm < eol)) {
+            const char *q = sm;
+            while (q > p && q[-1] == ' ') q--;
+            while (q > p && q[-1] != ' ' && q[-1] != ',') q--;
+            int smem = 0;
+            if (sscanf(q, "%d", &smem) == 1 && smem > info->static_smem) info->static_smem = smem;
+        }
+    }
+    for (const char *p = log; (p = strstr(p, "bytes stack frame")); p += 17) {
+        const char *q = p;
+        while (q > log && q[-1] != '\n' && q[-1] != ',') q--;
+        int stack = 0, st = 0, ld = 0;
+        if (sscanf(q, " %d bytes stack frame, %d bytes spill stores, %d bytes spill loads", &stack,
+                   &st, &ld) == 3) {
+            if (stack > info->stack_bytes) info->stack_bytes = stack;
+            info->spill_stores += st;
+            info->spill_loads += ld;
+        }
     }
 }
 

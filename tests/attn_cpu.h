@@ -89,8 +89,10 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
         nk = nv = (size_t)c->b * c->sk * c->hkv * c->d;
     }
     size_t no = (size_t)c->b * c->sq * c->h * c->d, nl = (size_t)c->b * c->h * c->sq;
-    unsigned short *hq = malloc(nq * 2), *hk = c->packed ? hq : malloc(nk * 2),
-                   *hv = c->packed ? hq : malloc(nv * 2), *ho = malloc((no + ATTN_GUARD) * 2);
+    /* packed: k and v are views into q's buffer, offset by H*D and 2*H*D elements */
+    size_t hd = (size_t)c->h * c->d;
+    unsigned short *hq = malloc(nq * 2), *hk = c->packed ? hq + hd : malloc(nk * 2),
+                   *hv = c->packed ? hq + 2 * hd : malloc(nv * 2), *ho = malloc((no + ATTN_GUARD) * 2);
     float *hl = malloc((nl + ATTN_GUARD) * 4);
     unsigned long long seed = fm_test_seed();
     fm_fill_normal16(hq, nq, bf, seed);

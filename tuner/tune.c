@@ -167,6 +167,7 @@ typedef struct compile_job {
     pthread_mutex_t lock;
     int done;
     double t0;
+    int tty; /* progress line only on a terminal */
 } compile_job;
 
 static void *compile_worker(void *arg) {
@@ -191,7 +192,7 @@ static void *compile_worker(void *arg) {
         }
         pthread_mutex_lock(&j->lock);
         j->done++;
-        fprintf(stderr, "\r  compiled %d/%d (%.0f s)   ", j->done, j->n, now_s() - j->t0);
+        if (j->tty) fprintf(stderr, "\r  compiled %d/%d (%.0f s)   ", j->done, j->n, now_s() - j->t0);
         pthread_mutex_unlock(&j->lock);
     }
     return NULL;
@@ -693,7 +694,7 @@ int fm_tune(const fm_tune_opts *o) {
                 "measures them again)\n", nskip, nv, o->db_path);
     fm_jit *jit = NULL;
     fm_jit_open(&jit, o->cache_dir);
-    compile_job cj = {v, nv, 0, arch, jit, PTHREAD_MUTEX_INITIALIZER, 0, now_s()};
+    compile_job cj = {v, nv, 0, arch, jit, PTHREAD_MUTEX_INITIALIZER, 0, now_s(), isatty(2)};
     int jobs = o->jobs > 0 ? o->jobs : (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (jobs < 1) jobs = 1;
     if (jobs > 64) jobs = 64;
@@ -705,7 +706,7 @@ int fm_tune(const fm_tune_opts *o) {
     for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
     fm_jit_close(jit);
     double compile_wall = now_s() - cj.t0;
-    fprintf(stderr, "\n");
+    if (cj.tty) fprintf(stderr, "\n");
 
     /* static rejection */
     int ncompiled = 0, nfailed = 0, nrejected = 0;

@@ -1,0 +1,194 @@
+-- attn_fwd_sm90.lua - attention forward for Hopper (templates/attn_fwd_sm90.cu): TMA + mbarrier
+-- K/V ring, one producer warpgroup and 1..3 consumer warpgroups with wgmma, online softmax in
+-- registers. See the template's header for the design.
+--
+-- Launch (runtime/attn_launch_sm90.c): arguments (tmQ, tmK, tmV, params) where the tensor maps
+-- describe Q, K, V as 4-D (D, S, H, B) bf16/fp16 tensors with 128-byte swizzle and boxes of
+-- {64, block_m, 1, 1} (Q) and {64, block_n, 1, 1} (K, V); grid = num_tiles blocks
+-- (num_tiles = ceil(Sq / block_m) * H * B), or min(num_tiles, SMs) when persistent.
+
+local SMEM_DEFAULT = 232448 -- H100/H200 opt-in maximum per block (227 KB), when no device given
+local REGS_PER_SM = 65536
+
+-- Tile table: the (block_m, block_n, stages) each head dim is tuned over. Every consumer
+-- warpgroup holds O (D/2 floats), S (block_n/2 floats) and, with intra-warpgroup overlap, P
+-- (block_n/4 words) at once; shared memory holds Q (block_m x D) plus `stages` K and V blocks.
+--  d64:  per-block work is short next to copy latency, so three stages (the small K/V blocks
+--        leave room). 192x128 with three consumers is FA3's shape; 128x192 trades rows for a
+--        longer softmax; 64x128 is the one-consumer variant for short query lengths.
+--  d128: 128x128 (160 KB) and 128x176 (208 KB, the most keys per block that fits two stages
+--        beside Q; better for long non-causal rows); 64x128 for short query lengths.
+--  d256: O alone takes 128 registers; 128x80 (224 KB) is the largest block_n that fits two
+--        stages, 128x64 (192 KB) its lighter sibling; 64x64 with one consumer (block_n 80
+--        already spills there, see consumer_regs).
+local TILES = {
+  [64] = { { 192, 128, 3 }, { 128, 192, 3 }, { 64, 128, 3 } },
+  [128] = { { 128, 128, 2 }, { 128, 176, 2 }, { 64, 128, 2 } },
+  [256] = { { 128, 80, 2 }, { 128, 64, 2 }, { 64, 64, 2 } },
+}
+
+local function in_table(c)
+  for _, t in ipairs(TILES[c.head_dim] or {}) do
+    if t[1] == c.block_m and t[2] == c.block_n and t[3] == c.stages then return true end
+  end
+  return false
+end
+
+local function threads(c) return 128 * (1 + c.consumer_wgs) end
+
+-- Registers per consumer thread under setmaxnreg: what the producer gives up, shared among the
+-- consumer warpgroups, in multiples of 8, at most 240 (2 consumers: 128 * (24 + 2 * 240) =
+-- 64512). With one consumer there is no split: the entry cap 65536 / 256 is already 255, but
+-- ptxas spends uncapped registers freely (d256 with block_n 80 or 96 spills at 255 with
+-- intra-warpgroup overlap), so the budget counted for it is 216.
+local function consumer_regs(c)
+  if c.consumer_wgs == 1 then return 216 end
+  local r = (REGS_PER_SM // 128 - c.producer_regs) // c.consumer_wgs
+  r = r - r % 8
+  if r > 240 then r = 240 end
+  return r
+end
+
+-- Live registers a consumer needs in its main loop (see TILES); the 32 cover row state (m, l,
+-- scale), descriptors, barrier addresses, masks and loop counters. Calibrated against ptxas
+-- with overlap on: d64 192x128 fits 160 and spills at 144 (need 160), d128 128x176 fits 232
+-- and spills at 216 (need 228), d256 128x80 fits 224 and spills at 208 (need 220).
+local function consumer_need(c)
+  local n = c.head_dim // 2 + c.block_n // 2 + 32
+  if c.intra_overlap == 1 then n = n + c.block_n // 4 end
+  return n
+end
+
+local function smem_bytes(c)
+  local q = c.block_m * c.head_dim * 2
+  local kv = c.block_n * c.head_dim * 2
+  -- Q + K and V rings + mbarriers (q_full, q_empty, o_empty, 4 per stage) + 1024 bytes of
+  -- slack to align the base to the 1024-byte swizzle atom (see the template).
+  return q + 2 * c.stages * kv + 8 * (3 + 4 * c.stages) + 1024
+end
+
+return {
+  name = "attn_fwd_sm90",
+  op = "attn_fwd",
+  template = "attn_fwd_sm90.cu",
+  entry = "fm_attn_fwd_sm90",
+  min_arch = 90,
+  arch_suffix = "a",
+
+  problem = {
+    { name = "dtype", values = { "bf16", "fp16" } },
+    { name = "head_dim", values = { 64, 128, 256 } },
+    { name = "causal", values = { 0, 1 } },
+  },
+
+  -- Simplest values first: the first kept configuration is the fallback default.
+  axes = {
+    { name = "block_m", values = { 64, 128, 192 } },
+    { name = "block_n", values = { 64, 80, 96, 128, 176, 192 } },
+    { name = "stages", values = { 2, 3 } },
+    { name = "consumer_wgs", values = { 1, 2, 3 } },
+    { name = "pingpong", values = { 0, 1 } },
+    { name = "intra_overlap", values = { 0, 1 } },
+    { name = "persistent", values = { 0, 1 } },
+    -- Producer registers under setmaxnreg (the consumers get the rest). 24 is the floor of
+    -- setmaxnreg and enough for one thread issuing copies; 40 would leave room for a
+    -- multi-thread producer.
+    { name = "producer_regs", values = { 24 } },
+  },
+
+  constraints = {
+    {
+      reason = "block_m must be 64 * consumer_wgs: each consumer warpgroup owns one m64 wgmma tile of query rows",
+      check = function(c) return c.block_m == 64 * c.consumer_wgs end,
+    },
+    {
+      reason = "block_n must be a multiple of 16 up to 256 (wgmma N <= 256; P V steps over it in k16)",
+      check = function(c) return c.block_n % 16 == 0 and c.block_n <= 256 end,
+    },
+    {
+      reason = "the V ring (stages * block_n rows) must hold the block_m output rows the epilogue stages there",
+      check = function(c) return c.stages * c.block_n >= c.block_m end,
+    },
+    {
+      reason = function(c)
+        local t = {}
+        for _, e in ipairs(TILES[c.head_dim] or {}) do
+          t[#t + 1] = string.format("%dx%d/s%d", e[1], e[2], e[3])
+        end
+        return string.format("block %dx%d with %d stages is not in the sm90 tile table for d=%d (%s)",
+          c.block_m, c.block_n, c.stages, c.head_dim, table.concat(t, ", "))
+      end,
+      check = in_table,
+    },
+    {
+      reason = "pingpong needs at least two consumer warpgroups to alternate",
+      check = function(c) return c.pingpong == 0 or c.consumer_wgs >= 2 end,
+    },
+    {
+      reason = "persistent only with intra_overlap: the persistent loop pays off on the fully pipelined variant, and the default space stays small enough to compile in CI",
+      check = function(c) return c.persistent == 0 or c.intra_overlap == 1 end,
+    },
+    {
+      reason = "with one consumer warpgroup there is no register split (entry cap 255 already); producer_regs must be 24",
+      check = function(c) return c.consumer_wgs > 1 or c.producer_regs == 24 end,
+    },
+    {
+      reason = function(c)
+        return string.format("register budget: a consumer needs about %d registers (O %d + S %d%s + 32), has %d",
+          consumer_need(c), c.head_dim // 2, c.block_n // 2,
+          c.intra_overlap == 1 and string.format(" + P %d", c.block_n // 4) or "", consumer_regs(c))
+      end,
+      check = function(c) return consumer_need(c) <= consumer_regs(c) end,
+    },
+    {
+      reason = function(c, lim)
+        return string.format("shared memory %d bytes exceeds the per-block limit %d", smem_bytes(c),
+          lim.smem_per_block or SMEM_DEFAULT)
+      end,
+      check = function(c, lim) return smem_bytes(c) <= (lim.smem_per_block or SMEM_DEFAULT) end,
+    },
+  },
+
+  name_of = function(c)
+    return string.format("attn_fwd_sm90_%s_d%d_c%d_m%d_n%d_s%d_wg%d_pp%d_io%d_p%d_r%d",
+      c.dtype, c.head_dim, c.causal, c.block_m, c.block_n, c.stages, c.consumer_wgs, c.pingpong,
+      c.intra_overlap, c.persistent, c.producer_regs)
+  end,
+
+  defines = function(c)
+    local split = c.consumer_wgs > 1
+    return {
+      FM_DTYPE_BF16 = c.dtype == "bf16" and 1 or 0,
+      FM_HEAD_DIM = c.head_dim,
+      FM_CAUSAL = c.causal,
+      FM_BLOCK_M = c.block_m,
+      FM_BLOCK_N = c.block_n,
+      FM_STAGES = c.stages,
+      FM_CONSUMER_WGS = c.consumer_wgs,
+      FM_PINGPONG = c.pingpong,
+      FM_INTRA_OVERLAP = c.intra_overlap,
+      FM_PERSISTENT = c.persistent,
+      FM_PRODUCER_REGS = split and c.producer_regs or 0,
+      FM_CONSUMER_REGS = split and consumer_regs(c) or 0,
+    }
+  end,
+
+  threads = threads,
+  smem_bytes = smem_bytes,
+
+  -- Per-architecture default (FA3's shapes): three consumers on 192x128 for d64, two on
+  -- 128x176 (non-causal) / 128x128 (causal) for d128 and 128x80 for d256; ping-pong and
+  -- intra-warpgroup overlap on, one tile per CTA.
+  default = function(problem)
+    local d, causal = problem.head_dim, problem.causal
+    local c = { pingpong = 1, intra_overlap = 1, persistent = 0, producer_regs = 24 }
+    if d == 64 then
+      c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
+    elseif d == 128 then
+      c.block_m, c.block_n, c.stages, c.consumer_wgs = 128, causal == 1 and 128 or 176, 2, 2
+    else
+      c.block_m, c.block_n, c.stages, c.consumer_wgs = 128, 80, 2, 2
+    end
+    return c
+  end,
+}

@@ -1,0 +1,116 @@
+-- moe_gemm_sm90.lua - the grouped expert GEMMs of the fused MoE forward for Hopper (sm_90a):
+-- wgmma m64nNk16 from 128-byte-swizzled shared memory, fed by an all-thread cp.async pipeline
+-- (templates/moe_gemm_sm90.cu). Same entries, parameters and launch as moe_gemm_sm80 (read its
+-- header); the runtime derives gemm2's symbol from the family name.
+--
+-- Axes compiled in: block_m (64 rows per warpgroup: 64 or 128), block_n (the wgmma N: gemm1
+-- takes block_n/2 gate and block_n/2 up rows), stages. block_k is 64 (the swizzle atom's row).
+-- Launch-only axes as in sm80: group_m, split_k (gemm2), combine.
+
+local function smem(c) return c.stages * (c.block_m + c.block_n) * 128 + 1024 end
+
+return {
+  name = "moe_gemm_sm90",
+  op = "moe",
+  template = "moe_gemm_sm90.cu",
+  entry = "fm_moe_gemm1_sm90",
+  entries = { "fm_moe_gemm1_sm90", "fm_moe_gemm2_sm90", "fm_moe_combine" },
+  min_arch = 90,
+  arch_suffix = "a", -- wgmma
+
+  problem = {
+    { name = "dtype", values = { "bf16", "fp16" } },
+  },
+  axes = {
+    { name = "block_m", values = { 64, 128 } },
+    { name = "block_n", values = { 64, 128, 256 } },
+    { name = "stages", values = { 3, 4, 5 } },
+    { name = "group_m", values = { 1, 8 } },
+    { name = "split_k", values = { 1, 2, 4 } },
+    { name = "combine", values = { "slot", "atomic" } },
+  },
+
+  constraints = {
+    {
+      -- sm_90a code (wgmma, "a" = architecture-specific) runs on compute capability 9.0 only.
+      reason = "wgmma code is built for sm_90a and runs on compute capability 9.0 only",
+      check = function(_, lim) return not lim.arch or lim.arch == 90 end,
+    },
+    {
+      reason = function(c, lim)
+        return string.format("needs %d bytes of shared memory, the device allows %d", smem(c),
+          lim.smem_per_block or 0)
+      end,
+      check = function(c, lim) return not lim.smem_per_block or smem(c) <= lim.smem_per_block end,
+    },
+    {
+      -- 64 x 64 warpgroup tiles leave the A tile reused by only 64 weight rows.
+      reason = "block_n = 64 is for the weight-streaming tile (block_m = 64)",
+      check = function(c) return c.block_n >= 128 or c.block_m == 64 end,
+    },
+    {
+      reason = "split-K partial sums are added in fp32: needs combine=atomic",
+      check = function(c) return c.split_k == 1 or c.combine == "atomic" end,
+    },
+    {
+      -- Split-K fills the GPU at small T, where every routed expert has one tile.
+      reason = "split-K is for the small-T tile (block_m = 64)",
+      check = function(c) return c.split_k == 1 or c.block_m == 64 end,
+    },
+    {
+      reason = "block_m = 64 uses combine=atomic only with split-K",
+      check = function(c) return c.block_m == 128 or c.combine == "slot" or c.split_k > 1 end,
+    },
+    {
+      -- block_m = 64 serves the T where an expert has one or two tiles: nothing to group.
+      reason = "group_m > 1 is for the large tile (block_m = 128)",
+      check = function(c) return c.group_m == 1 or c.block_m == 128 end,
+    },
+  },
+
+  name_of = function(c)
+    return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s", c.dtype, c.block_m,
+      c.block_n, c.stages, c.group_m, c.split_k, c.combine)
+  end,
+
+  defines = function(c)
+    return {
+      FM_DTYPE_BF16 = c.dtype == "bf16" and 1 or 0,
+      FM_BLOCK_M = c.block_m,
+      FM_BLOCK_N = c.block_n,
+      FM_STAGES = c.stages,
+    }
+  end,
+
+  threads = function(c) return c.block_m // 64 * 128 end,
+  smem_bytes = smem,
+
+  -- Untuned default (problem fields t, e, k, h, i, sms as for sm80). Rows per routed expert
+  -- m = T*K / experts hit: up to 64 the layer streams weights: one warpgroup of 64 rows,
+  -- 64 x 128 tiles, 4 stages (99 KB: two CTAs per SM keep ~190 KB of loads in flight), and
+  -- split-K on gemm2 when its grid would not cover the SMs. Above, the 128 x 256 tile of two
+  -- warpgroups (128 accumulators per thread, 4 stages = 197 KB): 2*128*256*64 FLOP per 48 KB
+  -- stage, 85 FLOP/B, enough for the tensor cores to outrun L2.
+  default = function(p, lim)
+    local t, e, k, h = p.t or 1, p.e or 8, p.k or 1, p.h or 4096
+    local sms = p.sms or 132
+    local hit = math.min(e, t * k)
+    local rows = t * k / hit
+    local c = { group_m = 1, split_k = 1, combine = "slot" }
+    if rows <= 64 then
+      c.block_m, c.block_n, c.stages = 64, 128, 4
+      local ctas = math.max(1, hit) * ((h + c.block_n - 1) // c.block_n)
+      for _, s in ipairs({ 2, 4 }) do
+        if ctas * c.split_k >= sms then break end
+        c.split_k = s
+      end
+      if c.split_k > 1 then c.combine = "atomic" end
+    else
+      c.block_m, c.block_n, c.stages, c.group_m = 128, 256, 4, 8
+    end
+    while c.stages > 3 and lim.smem_per_block and smem(c) > lim.smem_per_block do
+      c.stages = c.stages - 1
+    end
+    return c
+  end,
+}

@@ -1,0 +1,98 @@
+/*
+ * attn_launch_sm90.c - launcher of the Hopper attention family (templates/attn_fwd_sm90.cu):
+ * builds the three TMA tensor maps, sizes the grid, launches.
+ *
+ * The kernel reads Q, K and V through the copy engine in boxes of 64 head-dim columns (128
+ * bytes, the widest inner box the 128-byte swizzle allows) by block_m (Q) or block_n (K, V)
+ * rows; the shared-memory layout that swizzle produces is the one its wgmma descriptors
+ * assume. The tensors are described as 4-D (D, S, H, B) with the caller's strides, so any
+ * layout with a contiguous head dim and 16-byte aligned strides works without copies, and rows
+ * past the end of a sequence come back as zeros.
+ *
+ * Tensor maps are encoded on every launch: encoding is a few hundred nanoseconds of host work
+ * against a launch that moves megabytes, and caching them per (kernel, pointers, shape) would
+ * need invalidation and locking for no measurable gain.
+ */
+#include "internal.h"
+
+#include <limits.h>
+#include <string.h>
+
+/* One 4-D map over a [B, S, H, D] tensor given by its element strides (batch, seq, head). */
+static fm_status encode_map(fm_context *ctx, CUtensorMap *map, const char *what, fm_dtype dtype,
+                            const void *base, int d, int s, int h, int b, const int64_t st[3],
+                            int box_rows) {
+    const cuuint64_t esize = 2; /* bf16 and fp16 */
+    cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)s, (cuuint64_t)h, (cuuint64_t)b};
+    /* Byte strides of dims 1..3 (seq, head, batch). A dimension of extent 1 is never stepped,
+     * but the driver still wants a non-zero multiple of 16 there. */
+    const int64_t el[3] = {st[1], st[2], st[0]};
+    cuuint64_t strides[3];
+    for (int i = 0; i < 3; i++) {
+        strides[i] = (cuuint64_t)el[i] * esize;
+        if (dims[i + 1] == 1 && strides[i] == 0) strides[i] = 16;
+        if (strides[i] % 16 != 0 || strides[i] >= (1ull << 40))
+            return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
+                                "%s: stride %llu bytes is not a multiple of 16 below 2^40 (the "
+                                "copy engine's rule)",
+                                what, (unsigned long long)strides[i]);
+    }
+    cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
+    cuuint32_t estride[4] = {1, 1, 1, 1};
+    CUtensorMapDataType dt = dtype == FM_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    CUresult r = ctx->drv->cuTensorMapEncodeTiled(
+        map, dt, 4, (void *)(uintptr_t)base, dims, strides, box, estride,
+        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, what);
+    return FM_OK;
+}
+
+fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kernel_params *p,
+                              const fm_attention_args *a, CUstream stream) {
+    const long long bm = fm_config_int(&k->cfg, "block_m", 0);
+    const long long bn = fm_config_int(&k->cfg, "block_n", 0);
+    const long long persistent = fm_config_int(&k->cfg, "persistent", 0);
+    if (bm < 64 || bm > 256 || bm % 64 != 0 || bn < 16 || bn > 256 || bn % 16 != 0)
+        return fm_set_error(ctx, FM_ERR_INTERNAL, "%s: block_m %lld / block_n %lld out of range",
+                            k->name, bm, bn);
+    if (a->head_dim % 64 != 0)
+        return fm_set_error(ctx, FM_ERR_UNSUPPORTED,
+                            "%s: head_dim %d is not a multiple of 64 (one 128-byte TMA box)",
+                            k->name, a->head_dim);
+
+    const long long m_blocks = ((long long)p->seqlen_q + bm - 1) / bm;
+    const long long tiles = m_blocks * p->heads * p->batch;
+    if (tiles > INT_MAX)
+        return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
+                            "%lld tiles of %lld rows: the problem is too large for one launch",
+                            tiles, bm);
+    p->num_m_blocks = (int)m_blocks;
+    p->num_tiles = (int)tiles;
+
+    CUtensorMap tm[3];
+    memset(tm, 0, sizeof tm);
+    fm_status s;
+    if ((s = encode_map(ctx, &tm[0], "tensor map of q", a->dtype, a->q, a->head_dim, a->seqlen_q,
+                        a->heads, a->batch, a->q_stride, (int)bm)) != FM_OK ||
+        (s = encode_map(ctx, &tm[1], "tensor map of k", a->dtype, a->k, a->head_dim, a->seqlen_k,
+                        a->kv_heads, a->batch, a->k_stride, (int)bn)) != FM_OK ||
+        (s = encode_map(ctx, &tm[2], "tensor map of v", a->dtype, a->v, a->head_dim, a->seqlen_k,
+                        a->kv_heads, a->batch, a->v_stride, (int)bn)) != FM_OK)
+        return s;
+
+    /* Persistent: one CTA per SM (the kernel needs all of an SM's shared memory anyway), each
+     * striding over the tiles; otherwise one CTA per tile. */
+    long long grid = tiles;
+    if (persistent && ctx->sm_count > 0 && grid > ctx->sm_count) grid = ctx->sm_count;
+
+    CUresult r = ctx->drv->cuFuncSetAttribute(k->fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                              k->smem_bytes);
+    if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);
+
+    void *args[] = {&tm[0], &tm[1], &tm[2], p};
+    r = ctx->drv->cuLaunchKernel(k->fn, (unsigned)grid, 1, 1, (unsigned)k->threads, 1, 1,
+                                 (unsigned)k->smem_bytes, stream, args, NULL);
+    return r == CUDA_SUCCESS ? FM_OK : fm_cuda_error(ctx, ctx->drv, r, k->name);
+}

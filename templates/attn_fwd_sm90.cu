@@ -1,0 +1,693 @@
+/*
+ * attn_fwd_sm90.cu - attention forward for Hopper (sm_90a): TMA + mbarrier pipeline, warp-
+ * specialised warpgroups, wgmma for both products, online softmax in registers.
+ *
+ * O[b, i, h, :] = sum_j softmax_j(scale * Q[b, i, h, :] . K[b, j, h / group, :]) V[b, j, h / group, :]
+ *
+ * Block of FM_THREADS = 128 * (1 + FM_CONSUMER_WGS) threads, one tile of FM_BLOCK_M query rows of
+ * one (batch, head) at a time (persistent: several tiles, strided by gridDim.x).
+ *  - Warpgroup 0 is the producer. After giving most of its registers away (setmaxnreg.dec), one
+ *    thread issues every copy: Q once per tile, then K and V of each key block into a ring of
+ *    FM_STAGES slots guarded by full (copy landed) and empty (slot released) mbarriers.
+ *  - Warpgroups 1..FM_CONSUMER_WGS are consumers; consumer c owns query rows 64c..64c+63 of the
+ *    tile. Per key block: S = Q K^T (wgmma, both operands in shared memory), mask, online
+ *    softmax in registers (exp2 with the scale folded into one FMA), P rounded to 16 bits in
+ *    registers and fed as the A operand of O += P V (wgmma with A from registers; V, stored
+ *    [key][dim], is read transposed through its descriptor).
+ *  - FM_INTRA_OVERLAP: a consumer issues S_n = Q K_n^T and O += P_{n+1} V_{n+1} back to back and
+ *    runs the softmax of S_n while the second product is still on the tensor cores.
+ *  - FM_PINGPONG: the consumers take turns issuing their products (a token passed through named
+ *    barriers), so one warpgroup's softmax runs while another's products occupy the tensor cores.
+ *  - Key blocks are visited from the last to the first, so the blocks that need masking (the
+ *    diagonal and the ragged end of the keys) come first and the rest run a mask-free loop.
+ *  - A consumer releases Q as soon as its last S product is done, so that a persistent CTA
+ *    loads the next tile's Q during the last P V and the epilogue. The output is normalised in
+ *    registers, staged through the V ring (free once every consumer's last P V is done; the
+ *    producer holds the next tile's V copies until the staging area is released) and written
+ *    with 16-byte stores.
+ *
+ * Shared memory, from a 1024-byte aligned base (128-byte swizzle atoms must be 1024-aligned):
+ *   Q  [D/64][BLOCK_M][64]            (each [rows][64] chunk written by one TMA box)
+ *   K  [STAGES][D/64][BLOCK_N][64]
+ *   V  [STAGES][D/64][BLOCK_N][64]
+ *   mbarriers: q_full, q_empty, o_empty, k_full[S], k_empty[S], v_full[S], v_empty[S]
+ *   O staging (epilogue) aliases V: consumer c at V + c * 64 * D * 2, as D/64 chunks [64][64].
+ * The generator's smem_bytes adds 1024 bytes of slack for the alignment (dynamic shared memory
+ * is only guaranteed 16-byte alignment).
+ */
+#include "common/attn_params.h"
+#include "common/numeric.cuh"
+#include "common/ptx_sm90.cuh"
+
+/* ---- parameters ------------------------------------------------------------------------- */
+#ifndef FM_HEAD_DIM
+#define FM_HEAD_DIM 128
+#endif
+#ifndef FM_CAUSAL
+#define FM_CAUSAL 0
+#endif
+#ifndef FM_CONSUMER_WGS
+#define FM_CONSUMER_WGS 2
+#endif
+#ifndef FM_BLOCK_M
+#define FM_BLOCK_M (64 * FM_CONSUMER_WGS)
+#endif
+#ifndef FM_BLOCK_N
+#define FM_BLOCK_N 128
+#endif
+#ifndef FM_STAGES
+#define FM_STAGES 2
+#endif
+#ifndef FM_PINGPONG
+#define FM_PINGPONG 1
+#endif
+#ifndef FM_INTRA_OVERLAP
+#define FM_INTRA_OVERLAP 1
+#endif
+#ifndef FM_PERSISTENT
+#define FM_PERSISTENT 0
+#endif
+/* Register split under setmaxnreg: the producer needs few (one thread issues copies), the
+ * consumers hold O (D/2 floats), S (BLOCK_N/2 floats) and P (BLOCK_N/4 words) per thread. With
+ * one consumer warpgroup the entry cap (65536 / 256 = 255) is already the maximum: no split. */
+#ifndef FM_PRODUCER_REGS
+#if FM_CONSUMER_WGS == 1
+#define FM_PRODUCER_REGS 0
+#else
+#define FM_PRODUCER_REGS 24
+#endif
+#endif
+#ifndef FM_CONSUMER_REGS
+#if FM_CONSUMER_WGS == 1
+#define FM_CONSUMER_REGS 0
+#elif FM_CONSUMER_WGS == 2
+#define FM_CONSUMER_REGS 240 /* 128 * (24 + 2 * 240) = 64512 <= 65536 */
+#else
+#define FM_CONSUMER_REGS 160 /* 128 * (24 + 3 * 160) = 64512 */
+#endif
+#endif
+
+#if FM_HEAD_DIM != 64 && FM_HEAD_DIM != 128 && FM_HEAD_DIM != 256
+#error "FM_HEAD_DIM must be 64, 128 or 256"
+#endif
+#if FM_CAUSAL != 0 && FM_CAUSAL != 1
+#error "FM_CAUSAL must be 0 or 1"
+#endif
+#if FM_CONSUMER_WGS < 1 || FM_CONSUMER_WGS > 3
+#error "FM_CONSUMER_WGS must be 1, 2 or 3"
+#endif
+#if FM_BLOCK_M != 64 * FM_CONSUMER_WGS
+#error "FM_BLOCK_M must be 64 * FM_CONSUMER_WGS: each consumer warpgroup owns one m64 wgmma tile"
+#endif
+#if FM_BLOCK_N % 16 != 0 || FM_BLOCK_N < 16 || FM_BLOCK_N > 256
+#error "FM_BLOCK_N must be a multiple of 16 in 16..256 (wgmma N <= 256; P V steps k16 over it)"
+#endif
+#if FM_STAGES < 2 || FM_STAGES > 8
+#error "FM_STAGES must be in 2..8"
+#endif
+#if FM_PINGPONG != 0 && FM_PINGPONG != 1
+#error "FM_PINGPONG must be 0 or 1"
+#endif
+#if FM_PINGPONG && FM_CONSUMER_WGS < 2
+#error "FM_PINGPONG needs at least two consumer warpgroups"
+#endif
+#if FM_INTRA_OVERLAP != 0 && FM_INTRA_OVERLAP != 1
+#error "FM_INTRA_OVERLAP must be 0 or 1"
+#endif
+#if FM_PERSISTENT != 0 && FM_PERSISTENT != 1
+#error "FM_PERSISTENT must be 0 or 1"
+#endif
+#if FM_CONSUMER_WGS > 1
+#if FM_PRODUCER_REGS < 24 || FM_PRODUCER_REGS % 8 != 0 || FM_CONSUMER_REGS > 256 || \
+    FM_CONSUMER_REGS % 8 != 0
+#error "setmaxnreg counts must be multiples of 8 in 24..256"
+#endif
+#if 128 * (FM_PRODUCER_REGS + FM_CONSUMER_WGS * FM_CONSUMER_REGS) > 65536
+#error "register split exceeds the 64K registers of an SM"
+#endif
+#endif
+
+#define FM_D FM_HEAD_DIM
+#define FM_BM FM_BLOCK_M
+#define FM_BN FM_BLOCK_N
+#define FM_THREADS (128 * (1 + FM_CONSUMER_WGS))
+#define FM_DCHUNKS (FM_D / 64)              /* 128-byte (64-element) column chunks */
+#define FM_Q_BYTES (FM_BM * FM_D * 2)
+#define FM_KV_BYTES (FM_BN * FM_D * 2)      /* one stage of K (or of V) */
+#define FM_OFF_K FM_Q_BYTES
+#define FM_OFF_V (FM_OFF_K + FM_STAGES * FM_KV_BYTES)
+#define FM_OFF_BAR (FM_OFF_V + FM_STAGES * FM_KV_BYTES)
+#define FM_NUM_BARS (3 + 4 * FM_STAGES)
+#if FM_STAGES * FM_BN < FM_BM
+#error "the V ring (STAGES * BLOCK_N rows) must hold the BLOCK_M output rows staged in the epilogue"
+#endif
+/* Keep in sync with generator/attn_fwd_sm90.lua smem_bytes. */
+#define FM_SMEM_BYTES (FM_OFF_BAR + 8 * FM_NUM_BARS + 1024)
+
+/* Named barriers: 1..3 the ping-pong turn of consumer 0..2, 4..6 consumer c's epilogue, 7 all
+ * consumers (before the epilogue overwrites V). */
+#define FM_BAR_TURN 1
+#define FM_BAR_EPI 4
+#define FM_BAR_CONSUMERS 7
+
+/* ---- tiles ------------------------------------------------------------------------------ */
+struct fm_tile {
+    int mb, h, b;
+    int n_end;       /* key blocks 0..n_end-1 are visited (from the last); 0: nothing visible */
+    int n_mask_from; /* blocks n >= n_mask_from need the key-bound or causal mask */
+};
+
+/* Tiles are numbered with the m-blocks of one (batch, head) adjacent, so the CTAs running at one
+ * time share K/V of a few heads through L2; with causal masking each head's m-blocks go from the
+ * longest (last rows, most keys) to the shortest, so the short ones fill the tail of the grid. */
+static __device__ __forceinline__ fm_tile fm_decode_tile(int t, const fm_attn_kernel_params &p) {
+    fm_tile r;
+    const int nmb = p.num_m_blocks;
+    const int bh = t / nmb;
+    const int mi = t - bh * nmb;
+    r.mb = FM_CAUSAL ? nmb - 1 - mi : mi;
+    r.h = bh % p.heads;
+    r.b = bh / p.heads;
+    const int n_total = (p.seqlen_k + FM_BN - 1) / FM_BN;
+    r.n_end = n_total;
+    r.n_mask_from = p.seqlen_k / FM_BN; /* blocks wholly below seqlen_k */
+#if FM_CAUSAL
+    /* Row i sees keys j <= i + off. The tile's last stored row bounds the keys visited; its
+     * first row bounds the blocks every row sees in full. */
+    const int off = p.causal_offset;
+    const int last_row = min((r.mb + 1) * FM_BM, p.seqlen_q) - 1;
+    const int max_key = last_row + off;
+    r.n_end = max_key < 0 ? 0 : min(n_total, max_key / FM_BN + 1);
+    const int seen_by_all = r.mb * FM_BM + off + 1; /* keys < this are visible to every row */
+    r.n_mask_from = min(r.n_mask_from, seen_by_all <= 0 ? 0 : seen_by_all / FM_BN);
+#endif
+    return r;
+}
+
+/* ---- consumer helpers ---------------------------------------------------------------------- */
+/* Byte offset of the 16-element k step kk inside a K-major [rows][D] tile stored as D/64
+ * chunks of [rows][64]: chunk kk/4, 32 bytes per step inside the 128-byte row. */
+template <int ROWS> static __device__ __forceinline__ unsigned fm_kmajor_step(int kk) {
+    return (unsigned)((kk / 4) * ROWS * 128 + (kk % 4) * 32);
+}
+
+/* S = Q K^T for this warpgroup's 64 rows: D/16 wgmma steps, the first one zero-initialises. */
+static __device__ __forceinline__ void fm_gemm_qk(float (&s)[FM_BN / 2], unsigned long long qdesc,
+                                                  unsigned long long kdesc) {
+    fm_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FM_D / 16; kk++) {
+        fm_wgmma<FM_BN>::template ss<FM_DTYPE_BF16, 0>(
+            s, qdesc + (fm_kmajor_step<FM_BM>(kk) >> 4), kdesc + (fm_kmajor_step<FM_BN>(kk) >> 4),
+            kk > 0 ? 1 : 0);
+    }
+    fm_wgmma_commit();
+}
+
+/* O += P V: BLOCK_N/16 steps over the keys; each step's 16 keys are two 8-row groups (SBO) of
+ * the V tile, i.e. 16 * 128 bytes further. */
+static __device__ __forceinline__ void fm_gemm_pv(float (&o)[FM_D / 2],
+                                                  const unsigned (&pa)[FM_BN / 16][4],
+                                                  unsigned long long vdesc) {
+    fm_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FM_BN / 16; kk++) {
+        fm_wgmma<FM_D>::template rs<FM_DTYPE_BF16, 1>(o, pa[kk], vdesc + (unsigned)(kk * 128), 1);
+    }
+    fm_wgmma_commit();
+}
+
+/* Keys >= lim (per row half) get -inf. col0 = first key of the block + 2 * (lane % 4). */
+static __device__ __forceinline__ void fm_mask(float (&s)[FM_BN / 2], int col0, int lim0,
+                                               int lim1) {
+#pragma unroll
+    for (int i = 0; i < FM_BN / 8; i++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int col = col0 + 8 * i + (r & 1);
+            if (col >= (r < 2 ? lim0 : lim1)) s[4 * i + r] = fm_neg_inf();
+        }
+    }
+}
+
+/* Online softmax of one block. m: running raw maxima of the thread's two rows, l: running
+ * per-thread partial sums (reduced over the quad only at the end), scl: factor to apply to O.
+ * CHECK_INF: the block may hold rows with every score masked, whose maximum is -inf; the
+ * exponent offset is then 0 so that exp2(-inf - 0) = 0 and no inf - inf appears. */
+template <bool CHECK_INF>
+static __device__ __forceinline__ void fm_softmax(float (&s)[FM_BN / 2], float (&m)[2],
+                                                  float (&l)[2], float (&scl)[2], float sl2) {
+    /* Four independent max chains per row: one serial chain of BLOCK_N/4 dependent FMNMX
+     * would hold the exponentials back by its whole latency. */
+    float pm[2][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) pm[0][j] = pm[1][j] = fm_neg_inf();
+#pragma unroll
+    for (int i = 0; i < FM_BN / 8; i++) {
+        pm[0][i % 4] = fmaxf(pm[0][i % 4], fmaxf(s[4 * i + 0], s[4 * i + 1]));
+        pm[1][i % 4] = fmaxf(pm[1][i % 4], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    float mx[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+        mx[h] = fmaxf(fmaxf(m[h], fmaxf(pm[h][0], pm[h][1])), fmaxf(pm[h][2], pm[h][3]));
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    }
+    float ms[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        ms[h] = mx[h] * sl2;
+        if (CHECK_INF && mx[h] == fm_neg_inf()) ms[h] = 0.f;
+        /* m = -inf (nothing seen yet) gives exp2(-inf) = 0: O and l are 0 then anyway. */
+        scl[h] = fm_exp2(m[h] * sl2 - ms[h]);
+        m[h] = mx[h];
+    }
+    float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}}; /* [row half][column parity]: two chains */
+#pragma unroll
+    for (int i = 0; i < FM_BN / 8; i++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            s[4 * i + r] = fm_exp2(fmaf(s[4 * i + r], sl2, -ms[r >> 1]));
+            sum[r >> 1][r & 1] += s[4 * i + r];
+        }
+    }
+    l[0] = l[0] * scl[0] + (sum[0][0] + sum[0][1]);
+    l[1] = l[1] * scl[1] + (sum[1][0] + sum[1][1]);
+}
+
+static __device__ __forceinline__ void fm_rescale(float (&o)[FM_D / 2], const float (&scl)[2]) {
+#pragma unroll
+    for (int i = 0; i < FM_D / 8; i++) {
+        o[4 * i + 0] *= scl[0];
+        o[4 * i + 1] *= scl[0];
+        o[4 * i + 2] *= scl[1];
+        o[4 * i + 3] *= scl[1];
+    }
+}
+
+/* S (accumulator layout) -> P as wgmma A fragments: k16 step kk is S columns 16kk..16kk+15,
+ * i.e. accumulator blocks 2kk (a[0], a[1]) and 2kk+1 (a[2], a[3]). */
+static __device__ __forceinline__ void fm_convert_p(unsigned (&pa)[FM_BN / 16][4],
+                                                    const float (&s)[FM_BN / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < FM_BN / 16; kk++) {
+        pa[kk][0] = fm_pack_elem2(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = fm_pack_elem2(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = fm_pack_elem2(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = fm_pack_elem2(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+static __device__ __forceinline__ void fm_st_shared_b32(unsigned addr, unsigned v) {
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+static __device__ __forceinline__ void fm_ld_shared_v4(unsigned addr, unsigned (&v)[4]) {
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                 : "r"(addr)
+                 : "memory");
+}
+static __device__ __forceinline__ void fm_st_global_v4(void *p, const unsigned (&v)[4]) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v[0]), "r"(v[1]),
+                 "r"(v[2]), "r"(v[3])
+                 : "memory");
+}
+
+/* ---- consumer state and main-loop steps ------------------------------------------------- */
+/* What a consumer warpgroup carries through its loop besides the accumulators: addresses,
+ * per-tile row limits and its position in the K/V ring (the producer walks the same sequence). */
+struct fm_consumer {
+    unsigned long long qdesc; /* this warpgroup's 64 rows of Q as the A operand */
+    unsigned sK, sV;
+    unsigned bar_k_full, bar_k_empty, bar_v_full, bar_v_empty;
+    unsigned turn_self, turn_next; /* ping-pong named barriers */
+    int lane;
+    float sl2;
+    int lim0, lim1; /* key j is valid for the thread's rows iff j < lim0 (row g), lim1 (g+8) */
+    int col_lane;   /* 2 * (lane % 4): the thread's first column in each 8-column block */
+    int stage;
+    unsigned phase;
+
+    __device__ __forceinline__ unsigned long long kdesc(int st) const {
+        return fm_wgmma_desc_sw128(sK + (unsigned)(st * FM_KV_BYTES), 16, 1024);
+    }
+    /* V: MN-major B operand; its 64-column chunks are LBO = BLOCK_N * 128 bytes apart. */
+    __device__ __forceinline__ unsigned long long vdesc(int st) const {
+        return fm_wgmma_desc_sw128(sV + (unsigned)(st * FM_KV_BYTES), FM_BN * 128, 1024);
+    }
+    /* One arrival per warp (the empty barriers count 4 per consumer warpgroup), after the
+     * warp's own wgmma wait: a slot is free only when every warp has seen its reads finish. */
+    __device__ __forceinline__ void release(unsigned bar) const {
+        if (lane == 0) fm_mbar_arrive(bar);
+    }
+    __device__ __forceinline__ void advance() {
+        if (++stage == FM_STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+    /* Ping-pong: wait for this warpgroup's turn to issue products / hand the turn on. */
+    __device__ __forceinline__ void turn_sync() const {
+#if FM_PINGPONG
+        fm_bar_sync(turn_self, 256);
+#endif
+    }
+    __device__ __forceinline__ void turn_pass() const {
+#if FM_PINGPONG
+        fm_bar_arrive(turn_next, 256);
+#endif
+    }
+};
+
+/* S = Q K_n^T for the current ring slot, waited; K released; masked; softmax. */
+template <bool MASKED>
+static __device__ __forceinline__ void fm_s_and_softmax(fm_consumer &c, int nb,
+                                                        float (&s)[FM_BN / 2], float (&m)[2],
+                                                        float (&l)[2], float (&scl)[2]) {
+    fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
+    c.turn_sync();
+    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
+    c.turn_pass();
+    fm_wgmma_wait<0>();
+    fm_fence_regs(s);
+    c.release(c.bar_k_empty + 8 * c.stage);
+    if constexpr (MASKED) fm_mask(s, nb * FM_BN + c.col_lane, c.lim0, c.lim1);
+    fm_softmax<MASKED>(s, m, l, scl, c.sl2);
+}
+
+/* Without intra-warpgroup overlap: S, softmax, then O += P V, one after the other. */
+template <bool MASKED>
+static __device__ __forceinline__ void fm_step_serial(fm_consumer &c, int nb, float (&o)[FM_D / 2],
+                                                      float (&s)[FM_BN / 2],
+                                                      unsigned (&pa)[FM_BN / 16][4],
+                                                      float (&m)[2], float (&l)[2],
+                                                      float (&scl)[2]) {
+    fm_s_and_softmax<MASKED>(c, nb, s, m, l, scl);
+    fm_rescale(o, scl);
+    fm_convert_p(pa, s);
+    fm_mbar_wait(c.bar_v_full + 8 * c.stage, c.phase);
+    c.turn_sync();
+    fm_gemm_pv(o, pa, c.vdesc(c.stage));
+    c.turn_pass();
+    fm_wgmma_wait<0>();
+    fm_fence_regs(o);
+    c.release(c.bar_v_empty + 8 * c.stage);
+    c.advance();
+}
+
+/* With intra-warpgroup overlap, steady state: S_n = Q K_n^T and O += P_{n+1} V_{n+1} go to
+ * the tensor cores back to back; the softmax of S_n runs while P V is still in flight. pa holds
+ * P_{n+1} on entry and P_n on exit; (pstage, pphase) is the ring slot of block n+1. */
+template <bool MASKED>
+static __device__ __forceinline__ void fm_step_overlap(fm_consumer &c, int nb,
+                                                       float (&o)[FM_D / 2],
+                                                       float (&s)[FM_BN / 2],
+                                                       unsigned (&pa)[FM_BN / 16][4],
+                                                       float (&m)[2], float (&l)[2],
+                                                       float (&scl)[2], int &pstage,
+                                                       unsigned &pphase) {
+    fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
+    c.turn_sync();
+    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
+    fm_rescale(o, scl); /* O was last written by the P V waited on in the previous step */
+    fm_mbar_wait(c.bar_v_full + 8 * pstage, pphase);
+    fm_gemm_pv(o, pa, c.vdesc(pstage));
+    c.turn_pass();
+    fm_wgmma_wait<1>(); /* S_n done, P V may still run */
+    fm_fence_regs(s);
+    c.release(c.bar_k_empty + 8 * c.stage);
+    if constexpr (MASKED) fm_mask(s, nb * FM_BN + c.col_lane, c.lim0, c.lim1);
+    fm_softmax<MASKED>(s, m, l, scl, c.sl2);
+    fm_wgmma_wait<0>(); /* P V done: pa and the V slot are free */
+    fm_fence_regs(o);
+    c.release(c.bar_v_empty + 8 * pstage);
+    fm_convert_p(pa, s);
+    pstage = c.stage;
+    pphase = c.phase;
+    c.advance();
+}
+
+/* ---- the kernel ----------------------------------------------------------------------------- */
+extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
+    fm_attn_fwd_sm90(const __grid_constant__ fm_tma_desc tmQ,
+                     const __grid_constant__ fm_tma_desc tmK,
+                     const __grid_constant__ fm_tma_desc tmV, const fm_attn_kernel_params p) {
+    extern __shared__ __align__(1024) unsigned char fm_smem_raw[];
+    const unsigned raw = fm_smem_u32(fm_smem_raw);
+    const unsigned sQ = (raw + 1023u) & ~1023u;
+    const unsigned sK = sQ + FM_OFF_K;
+    const unsigned sV = sQ + FM_OFF_V;
+    const unsigned bar_q_full = sQ + FM_OFF_BAR;
+    const unsigned bar_q_empty = bar_q_full + 8;
+    const unsigned bar_o_empty = bar_q_full + 16;
+    const unsigned bar_k_full = bar_q_full + 24; /* + 8 * stage */
+    const unsigned bar_k_empty = bar_k_full + 8 * FM_STAGES;
+    const unsigned bar_v_full = bar_k_empty + 8 * FM_STAGES;
+    const unsigned bar_v_empty = bar_v_full + 8 * FM_STAGES;
+
+    const int wg = (int)(threadIdx.x / 128);
+    const int tid = (int)(threadIdx.x % 128);
+    const int lane = tid % 32;
+
+    if (threadIdx.x == 0) {
+        fm_tma_prefetch_desc(&tmQ);
+        fm_tma_prefetch_desc(&tmK);
+        fm_tma_prefetch_desc(&tmV);
+        fm_mbar_init(bar_q_full, 1);
+        /* Every consumer thread arrives: on q_empty after its last S product of a tile, on
+         * o_empty after its epilogue has read the output back out of the V ring. */
+        fm_mbar_init(bar_q_empty, 128 * FM_CONSUMER_WGS);
+        fm_mbar_init(bar_o_empty, 128 * FM_CONSUMER_WGS);
+        for (int s = 0; s < FM_STAGES; s++) {
+            fm_mbar_init(bar_k_full + 8 * s, 1);
+            fm_mbar_init(bar_v_full + 8 * s, 1);
+            fm_mbar_init(bar_k_empty + 8 * s, 4 * FM_CONSUMER_WGS); /* one per consumer warp */
+            fm_mbar_init(bar_v_empty + 8 * s, 4 * FM_CONSUMER_WGS);
+        }
+        fm_mbar_init_fence();
+    }
+    __syncthreads();
+
+    const int tile_step = FM_PERSISTENT ? (int)gridDim.x : p.num_tiles;
+
+    if (wg == 0) {
+        /* ================================ producer ================================ */
+#if FM_CONSUMER_WGS > 1
+        fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
+#endif
+        if (tid != 0) return;
+        /* Q is read by one CTA once; each K/V block is read again by the other m-blocks of its
+         * head (running on neighbouring SMs at about the same time): keep K/V in L2 first. */
+        const unsigned long long pol_q = fm_l2_policy_evict_first();
+        const unsigned long long pol_kv = fm_l2_policy_evict_last();
+        int stage = 0;
+        unsigned phase = 0;
+        unsigned q_iter = 0;
+        for (int t = (int)blockIdx.x; t < p.num_tiles; t += tile_step) {
+            const fm_tile tile = fm_decode_tile(t, p);
+            if (tile.n_end <= 0) continue; /* consumers write zeros; nothing to load */
+            const int hk = tile.h / p.head_group;
+            for (int n = tile.n_end - 1; n >= 0; n--) {
+                /* K first: S needs it before V is needed. */
+                fm_mbar_wait(bar_k_empty + 8 * stage, phase ^ 1);
+                fm_mbar_arrive_expect_tx(bar_k_full + 8 * stage, FM_KV_BYTES);
+#pragma unroll
+                for (int c = 0; c < FM_DCHUNKS; c++)
+                    fm_tma_load_4d_hint(sK + stage * FM_KV_BYTES + c * FM_BN * 128, &tmK,
+                                        bar_k_full + 8 * stage, 64 * c, n * FM_BN, hk, tile.b,
+                                        pol_kv);
+                if (n == tile.n_end - 1) {
+                    /* Q after the first K block (K streams while the previous tile finishes its
+                     * S products); the first V waits until the previous tile's epilogue has
+                     * read its output back out of the V ring. */
+                    fm_mbar_wait(bar_q_empty, (q_iter & 1) ^ 1);
+                    fm_mbar_arrive_expect_tx(bar_q_full, FM_Q_BYTES);
+#pragma unroll
+                    for (int c = 0; c < FM_DCHUNKS; c++)
+                        fm_tma_load_4d_hint(sQ + c * FM_BM * 128, &tmQ, bar_q_full, 64 * c,
+                                            tile.mb * FM_BM, tile.h, tile.b, pol_q);
+                    fm_mbar_wait(bar_o_empty, (q_iter & 1) ^ 1);
+                    q_iter++;
+                }
+                fm_mbar_wait(bar_v_empty + 8 * stage, phase ^ 1);
+                fm_mbar_arrive_expect_tx(bar_v_full + 8 * stage, FM_KV_BYTES);
+#pragma unroll
+                for (int c = 0; c < FM_DCHUNKS; c++)
+                    fm_tma_load_4d_hint(sV + stage * FM_KV_BYTES + c * FM_BN * 128, &tmV,
+                                        bar_v_full + 8 * stage, 64 * c, n * FM_BN, hk, tile.b,
+                                        pol_kv);
+                if (++stage == FM_STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+    } else {
+        /* ================================ consumers =============================== */
+#if FM_CONSUMER_WGS > 1
+        fm_setmaxnreg_inc<FM_CONSUMER_REGS>();
+#endif
+        const int cw = wg - 1;   /* consumer index: rows 64cw..64cw+63 of the tile */
+        const int wq = tid / 32; /* warp in the warpgroup: rows 16wq..16wq+15 */
+        const int row_in_wg0 = 16 * wq + lane / 4;
+        fm_consumer c;
+        c.qdesc = fm_wgmma_desc_sw128(sQ + (unsigned)(cw * 64 * 128), 16, 1024);
+        c.sK = sK;
+        c.sV = sV;
+        c.bar_k_full = bar_k_full;
+        c.bar_k_empty = bar_k_empty;
+        c.bar_v_full = bar_v_full;
+        c.bar_v_empty = bar_v_empty;
+        c.turn_self = FM_BAR_TURN + (unsigned)cw;
+        c.turn_next = FM_BAR_TURN + (unsigned)((cw + 1) % FM_CONSUMER_WGS);
+        c.lane = lane;
+        c.sl2 = p.scale_log2;
+        c.col_lane = 2 * (lane & 3);
+        c.stage = 0;
+        c.phase = 0;
+#if FM_PINGPONG
+        /* The turn token starts with consumer 0: its own arrival is half of its first sync. */
+        if (cw == 0) fm_bar_arrive(FM_BAR_TURN + 0, 256);
+#endif
+        unsigned q_iter = 0;
+        unsigned short *const og = (unsigned short *)p.o;
+
+        for (int t = (int)blockIdx.x; t < p.num_tiles; t += tile_step) {
+            const fm_tile tile = fm_decode_tile(t, p);
+            const int row_base = tile.mb * FM_BM + cw * 64; /* first query row of this WG */
+            const long long o_base = (long long)tile.b * p.o_stride_b +
+                                     (long long)tile.h * p.o_stride_h;
+
+            if (tile.n_end <= 0) {
+                /* No key visible to any row (causal with seqlen_k < seqlen_q): O = 0, lse = -inf. */
+                const unsigned zero[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+                for (int it = 0; it < 64 * FM_D / 8 / 128; it++) {
+                    const int u = it * 128 + tid;
+                    const int row = u / (FM_D / 8);
+                    const int col = (u % (FM_D / 8)) * 8;
+                    if (row_base + row < p.seqlen_q)
+                        fm_st_global_v4(og + o_base + (long long)(row_base + row) * p.o_stride_s +
+                                            col,
+                                        zero);
+                }
+                if (p.lse && tid < 64 && row_base + tid < p.seqlen_q)
+                    p.lse[((long long)tile.b * p.heads + tile.h) * p.seqlen_q + row_base + tid] =
+                        fm_neg_inf();
+                continue;
+            }
+
+            const int row0 = row_base + row_in_wg0;
+#if FM_CAUSAL
+            c.lim0 = min(p.seqlen_k, row0 + p.causal_offset + 1);
+            c.lim1 = min(p.seqlen_k, row0 + 8 + p.causal_offset + 1);
+#else
+            c.lim0 = p.seqlen_k;
+            c.lim1 = p.seqlen_k;
+#endif
+            float o[FM_D / 2];
+#pragma unroll
+            for (int i = 0; i < FM_D / 2; i++) o[i] = 0.f;
+            float m[2] = {fm_neg_inf(), fm_neg_inf()};
+            float l[2] = {0.f, 0.f};
+            float scl[2];
+            float s[FM_BN / 2];
+            unsigned pa[FM_BN / 16][4];
+
+            fm_mbar_wait(bar_q_full, q_iter & 1);
+            int n = tile.n_end - 1;
+#if FM_INTRA_OVERLAP
+            /* First block: S and softmax only. */
+            if (n >= tile.n_mask_from)
+                fm_s_and_softmax<true>(c, n, s, m, l, scl);
+            else
+                fm_s_and_softmax<false>(c, n, s, m, l, scl);
+            fm_convert_p(pa, s);
+            int pstage = c.stage;
+            unsigned pphase = c.phase;
+            c.advance();
+            n--;
+#pragma unroll 1
+            for (; n >= 0 && n >= tile.n_mask_from; n--)
+                fm_step_overlap<true>(c, n, o, s, pa, m, l, scl, pstage, pphase);
+#pragma unroll 1
+            for (; n >= 0; n--) fm_step_overlap<false>(c, n, o, s, pa, m, l, scl, pstage, pphase);
+            /* Every S product is done (the last step waited for all groups): Q may go. */
+            fm_mbar_arrive(bar_q_empty);
+            /* Last P V. */
+            fm_rescale(o, scl);
+            fm_mbar_wait(bar_v_full + 8 * pstage, pphase);
+            fm_gemm_pv(o, pa, c.vdesc(pstage));
+            fm_wgmma_wait<0>();
+            fm_fence_regs(o);
+            c.release(bar_v_empty + 8 * pstage);
+#else
+#pragma unroll 1
+            for (; n >= 0 && n >= tile.n_mask_from; n--)
+                fm_step_serial<true>(c, n, o, s, pa, m, l, scl);
+#pragma unroll 1
+            for (; n >= 0; n--) fm_step_serial<false>(c, n, o, s, pa, m, l, scl);
+            fm_mbar_arrive(bar_q_empty);
+#endif
+            /* ---- epilogue: normalise, stage through this WG's Q rows, 16-byte stores ---- */
+            float inv[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+                inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
+            }
+            if (p.lse && (lane & 3) == 0) {
+                float *lse = p.lse + ((long long)tile.b * p.heads + tile.h) * p.seqlen_q;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int row = row0 + 8 * h;
+                    if (row < p.seqlen_q)
+                        lse[row] = l[h] > 0.f
+                                       ? (m[h] * c.sl2 + fm_log2(l[h])) * FM_LN2
+                                       : fm_neg_inf();
+                }
+            }
+            /* Stage through the V ring once every consumer's last P V has completed (the other
+             * warpgroups may lag by up to a step under ping-pong). Layout: D/64 chunks of
+             * [64 rows][128 bytes] with the 128-byte swizzle, so the 8 rows a warp writes per
+             * instruction hit 8 distinct 16-byte units: no bank conflicts. */
+            fm_bar_sync(FM_BAR_CONSUMERS, 128 * FM_CONSUMER_WGS);
+            const unsigned so = sV + (unsigned)(cw * 64 * FM_D * 2);
+#pragma unroll
+            for (int i = 0; i < FM_D / 8; i++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = row_in_wg0 + 8 * h;
+                    const unsigned addr = so + (unsigned)((i / 8) * 64 * 128 + r * 128 +
+                                                          (((i % 8) ^ (r & 7)) << 4) +
+                                                          (lane & 3) * 4);
+                    fm_st_shared_b32(addr, fm_pack_elem2(o[4 * i + 2 * h] * inv[h],
+                                                         o[4 * i + 2 * h + 1] * inv[h]));
+                }
+            }
+            fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+#pragma unroll
+            for (int it = 0; it < 64 * FM_D / 8 / 128; it++) {
+                const int u = it * 128 + tid;
+                const int r = u / (FM_D / 8);
+                const int cu = u % (FM_D / 8); /* 16-byte unit along the row */
+                unsigned v[4];
+                fm_ld_shared_v4(so + (unsigned)((cu / 8) * 64 * 128 + r * 128 +
+                                                (((cu % 8) ^ (r & 7)) << 4)),
+                                v);
+                if (row_base + r < p.seqlen_q)
+                    fm_st_global_v4(og + o_base + (long long)(row_base + r) * p.o_stride_s + cu * 8,
+                                    v);
+            }
+            /* The next tile's V copies (async proxy) overwrite the staging area: order our
+             * generic accesses before them, then release it. */
+            fm_fence_proxy_async();
+            fm_mbar_arrive(bar_o_empty);
+            q_iter++;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+/*
+ * moe_device.cuh - device pieces the MoE GEMM families share (moe_gemm_sm80.cu, moe_gemm_sm90.cu):
+ * the SwiGLU activation, fp32 vector atomics, the 16-byte swizzled tile loader and the combine
+ * kernel's body. Needs numeric.cuh, ptx_sm80.cuh and moe_params.h first.
+ */
+#pragma once
+
+namespace fm_moe {
+
+/* g * sigmoid(g); exp2 of a large argument gives inf and g / inf = -0, the right limit. */
+static __device__ __forceinline__ float silu(float g) {
+    return g / (1.0f + fm_exp2(-g * FM_LOG2E));
+}
+
+/* acc[0..1] += (a, b): one vector reduction on sm_90, two scalar ones before. 8-byte aligned. */
+static __device__ __forceinline__ void red_add_f32x2(float *addr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(addr), "f"(a), "f"(b) : "memory");
+#else
+    asm volatile("red.global.add.f32 [%0], %1;" ::"l"(addr), "f"(a) : "memory");
+    asm volatile("red.global.add.f32 [%0], %1;" ::"l"(addr + 1), "f"(b) : "memory");
+#endif
+}
+
+/* Tile row layout shared by both families: a row of BK 16-bit values is BK/8 chunks of 16 bytes;
+ * chunk c of row r is stored at chunk c ^ f(r). With 128-byte rows (BK = 64) f(r) = r & 7, which
+ * is also the wgmma 128-byte swizzle (8-row atoms of 1024 bytes); with 64-byte rows (BK = 32)
+ * f(r) = (r >> 1) & 3. Either way the 8 rows one ldmatrix reads hit 8 different bank groups. */
+template <int BK>
+static __device__ __forceinline__ unsigned swz(int row, int chunk) {
+    constexpr int kCPR = BK / 8;
+    constexpr int kShift = kCPR == 8 ? 0 : 1;
+    return (unsigned)(row * BK * 2 + ((chunk ^ ((row >> kShift) & (kCPR - 1))) << 4));
+}
+
+/* Combine: one thread per 8 consecutive outputs (16-byte loads and stores; H % 64 == 0 keeps a
+ * vector inside one row). out[t] = sum_k slot_buf[t*K + k] (16-bit) or acc[t] (fp32). */
+static __device__ __forceinline__ void combine(const fm_moe_combine_params &p) {
+    const long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long nvec = (long long)p.tokens * p.hidden / 8;
+    if (v >= nvec) return;
+    const long long t = v * 8 / p.hidden;
+    const long long col = v * 8 - t * p.hidden;
+    float s[8];
+    if (p.atomic) {
+        const float4 *src = (const float4 *)((const float *)p.src + t * p.hidden + col);
+        const float4 x0 = src[0], x1 = src[1];
+        s[0] = x0.x;
+        s[1] = x0.y;
+        s[2] = x0.z;
+        s[3] = x0.w;
+        s[4] = x1.x;
+        s[5] = x1.y;
+        s[6] = x1.z;
+        s[7] = x1.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i] = 0.f;
+        const fm_elem_t *base = (const fm_elem_t *)p.src + t * p.topk * p.hidden + col;
+        for (int k = 0; k < p.topk; ++k) {
+            const uint4 x = *(const uint4 *)(base + (long long)k * p.hidden);
+            const unsigned w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                s[2 * i] += fm_elem_to_f32((fm_elem_t)(w[i] & 0xffffu));
+                s[2 * i + 1] += fm_elem_to_f32((fm_elem_t)(w[i] >> 16));
+            }
+        }
+    }
+    uint4 o;
+    o.x = fm_pack_elem2(s[0], s[1]);
+    o.y = fm_pack_elem2(s[2], s[3]);
+    o.z = fm_pack_elem2(s[4], s[5]);
+    o.w = fm_pack_elem2(s[6], s[7]);
+    *(uint4 *)((fm_elem_t *)p.out + t * p.hidden + col) = o;
+}
+
+/* The tile raster of both GEMMs: grid.x = m_tiles * n_tiles; groups of group_m M-tiles walk the
+ * N tiles together (CTAs running at the same time then share A tiles and weight tiles in L2).
+ * A bijection onto [0, m_tiles) x [0, n_tiles), the last group possibly shorter. */
+static __device__ __forceinline__ void raster(const fm_moe_gemm_params &p, int pid, int &m_tile,
+                                              int &n_tile) {
+    if (p.group_m <= 1) {
+        m_tile = pid / p.n_tiles;
+        n_tile = pid % p.n_tiles;
+    } else {
+        const int per_group = p.group_m * p.n_tiles;
+        const int first = (pid / per_group) * p.group_m;
+        const int rows = min(p.m_tiles - first, p.group_m);
+        const int local = pid % per_group;
+        m_tile = first + local % rows;
+        n_tile = local / rows;
+    }
+}
+
+} // namespace fm_moe

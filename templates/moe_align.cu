@@ -1,0 +1,146 @@
+/*
+ * moe_align.cu - sorts the T*K routing slots by expert into BLOCK_M-padded row ranges, on the
+ * GPU, so that the host never waits for the routing result.
+ *
+ * Outputs (see common/moe_params.h): expert_counts[e]; expert_offsets[e] = first padded row of
+ * expert e (each range rounded up to block_m rows), expert_offsets[E] = total rows;
+ * sorted_slot[row] = slot id (token * K + k) or -1 for the padding rows of every expert;
+ * tile_expert[i] = expert of the i-th block_m-row tile; num_tiles = total rows / block_m.
+ * Rows past the total are not written: the GEMMs never read them (their tiles exit early).
+ * Within one expert the order of slots is whatever the atomics give; each row of the GEMMs is
+ * computed independently of the others, so the results do not depend on it.
+ *
+ * Launch contract: ONE block of FM_ALIGN_THREADS threads, no dynamic shared memory (about
+ * 6 KB static). E <= 512 (checked by the host). Work is O(T*K / threads) per thread: two
+ * passes over the ids with warp-aggregated shared-memory atomics, so that even every slot
+ * hitting one expert costs one atomic per warp, not 32 serialised ones.
+ */
+#include "common/moe_params.h"
+
+#ifndef FM_ALIGN_THREADS
+#define FM_ALIGN_THREADS 1024
+#endif
+#if FM_ALIGN_THREADS % 32 != 0 || FM_ALIGN_THREADS < 64 || FM_ALIGN_THREADS > 1024
+#error "FM_ALIGN_THREADS must be a multiple of 32 in 64..1024"
+#endif
+
+namespace fm_moe_align_k {
+constexpr int kThreads = FM_ALIGN_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kE = FM_MOE_MAX_EXPERTS;
+
+static __device__ __forceinline__ unsigned lanemask_lt(void) {
+    unsigned r;
+    asm("mov.u32 %0, %%lanemask_lt;" : "=r"(r));
+    return r;
+}
+
+/* Adds one to counter[e] for every lane with a valid e (all 32 lanes must call it); returns the
+ * counter's value before this lane's increment, ordered by lane within the warp. Lanes with the
+ * same expert agree on a leader that does a single atomic for the group. */
+static __device__ __forceinline__ int aggregated_inc(int *counter, int e, bool valid) {
+    const int key = valid ? e : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, key);
+    const int lane = threadIdx.x & 31;
+    const int leader = __ffs(peers) - 1;
+    int base = 0;
+    if (valid && lane == leader) base = atomicAdd(&counter[e], __popc(peers));
+    base = __shfl_sync(0xffffffffu, base, leader);
+    return base + __popc(peers & lanemask_lt());
+}
+} // namespace fm_moe_align_k
+
+extern "C" __global__ void __launch_bounds__(FM_ALIGN_THREADS, 1)
+fm_moe_align(const fm_moe_align_params p) {
+    using namespace fm_moe_align_k;
+    __shared__ int s_count[kE];
+    __shared__ int s_off[kE + 1];
+    __shared__ int s_cursor[kE];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int E = p.experts, BM = p.block_m;
+
+    for (int e = tid; e < kE; e += kThreads) {
+        s_count[e] = 0;
+        s_cursor[e] = 0;
+    }
+    __syncthreads();
+
+    /* ---- pass 1: count (every thread of the block runs the same number of iterations, so
+     * whole warps reach the warp-synchronous aggregation) ---- */
+    for (int base = 0; base < p.slots; base += kThreads) {
+        const int s = base + tid;
+        const int e = s < p.slots ? p.topk_ids[s] : -1;
+        aggregated_inc(s_count, e, e >= 0 && e < E);
+    }
+    __syncthreads();
+
+    /* ---- exclusive scan of the padded counts: warp 0, 16 experts per lane ---- */
+    if (warp == 0) {
+        constexpr int kPer = kE / 32;
+        int padded[kPer];
+        int run = 0;
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+            const int e = lane * kPer + j;
+            const int c = e < E ? s_count[e] : 0;
+            padded[j] = (c + BM - 1) / BM * BM;
+            run += padded[j];
+        }
+        int incl = run; /* inclusive scan of the lane totals */
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, incl, off);
+            if (lane >= off) incl += v;
+        }
+        int start = incl - run;
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+            const int e = lane * kPer + j;
+            if (e < E) s_off[e] = start;
+            start += padded[j];
+        }
+        if (lane == 31) s_off[E] = incl;
+    }
+    __syncthreads();
+
+    const int total = s_off[E];
+    const int tiles = total / BM;
+    if (tid == 0) *p.num_tiles = tiles < p.max_tiles ? tiles : p.max_tiles;
+    for (int e = tid; e < E; e += kThreads) {
+        p.expert_counts[e] = s_count[e];
+        p.expert_offsets[e] = s_off[e];
+    }
+    if (tid == 0) p.expert_offsets[E] = total;
+
+    /* ---- tile -> expert: binary search of each tile's first row in the offsets ---- */
+    for (int i = tid; i < tiles && i < p.max_tiles; i += kThreads) {
+        const int row = i * BM;
+        int lo = 0, hi = E - 1; /* last e with s_off[e] <= row (empty experts share offsets:
+                                   the last of them is the one that owns the row) */
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (s_off[mid] <= row)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        p.tile_expert[i] = lo;
+    }
+
+    /* ---- padding rows: one warp per expert, lanes over its (fewer than BM) padding rows ---- */
+    for (int e = warp; e < E; e += kWarps) {
+        const int first = s_off[e] + s_count[e];
+        for (int r = first + lane; r < s_off[e + 1]; r += 32) p.sorted_slot[r] = -1;
+    }
+
+    /* ---- pass 2: place every slot ---- */
+    for (int base = 0; base < p.slots; base += kThreads) {
+        const int s = base + tid;
+        const int e = s < p.slots ? p.topk_ids[s] : -1;
+        const bool valid = e >= 0 && e < E;
+        const int pos = aggregated_inc(s_cursor, e, valid);
+        if (valid) p.sorted_slot[s_off[e] + pos] = s;
+    }
+}

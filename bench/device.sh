@@ -30,15 +30,15 @@ for stage in "$@"; do
       "$B/tests/test_attention_gpu" > "$OUT/attn_gpu.log" 2>&1; echo "rc=$?"
       grep -E "FAIL|passed|device|^B:|reference" "$OUT/attn_gpu.log" | head -n 60 ;;
     tune)
-      "$B/fmtune" --gpu auto --shape 8x4096x128 --db "$FLASHMOE_DB" > "$OUT/fmtune.log" 2> "$OUT/fmtune.err"; echo "rc=$?"
-      tail -n 40 "$OUT/fmtune.log"; grep -E "^fmtune" "$OUT/fmtune.err" ;;
+      "$B/fmtune" --gpu auto --shape 8x4096x128 --db "$FLASHMOE_DB" > "$OUT/fmtune.log" 2>&1; echo "rc=$?"
+      "$B/fmtune" --gpu auto --shape 8x4096x128 --causal --db "$FLASHMOE_DB" >> "$OUT/fmtune.log" 2>&1; echo "rc=$?"
+      grep -E "^fmtune|^best|^tuning|^ *1 " "$OUT/fmtune.log" ;;
     tunegrid)
       fam=${GRID_FAMILIES:+--families $GRID_FAMILIES}
       for d in 64 128 256; do for c in "" "--causal"; do for s in ${GRID_SEQS:-512 1024 2048 4096 8192 16384}; do
         "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $c --db "$FLASHMOE_DB" \
-          --runs 10 $fam >> "$OUT/tunegrid.log" 2>> "$OUT/tunegrid.err"
+          --runs 10 $fam >> "$OUT/tunegrid.log" 2>&1
       done; done; done
-      "$B/fmtune" --gpu auto --shape 8x4096x128 --causal --db "$FLASHMOE_DB" >> "$OUT/tunegrid.log" 2>> "$OUT/tunegrid.err"
       grep "^best" "$OUT/tunegrid.log" ;;
     bench)
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;

@@ -357,6 +357,7 @@ int main(int argc, char **argv) {
         printf("fmtune %s (NVRTC %d)\n", fm_version(), fm_nvrtc_version());
         return FM_EXIT_OK;
     }
+    if (argc == 2 && !strcmp(argv[1], "--worker")) return fm_tune_worker();
     if (argc >= 2 && !strcmp(argv[1], "db")) return db_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "list")) return list_main(argc - 2, argv + 2);
 

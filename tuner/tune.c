@@ -222,6 +222,12 @@ static void worker_main(int out_fd, const fm_tune_opts *o, variant *v, const int
         fprintf(out, "S context: %s\n", fm_last_error(NULL));
         _exit(11);
     }
+    /* the worker is single-threaded: its context stays current for its whole life, so that the
+     * op's allocations and copies need not enter it one by one */
+    if (fm_context_enter(ctx) != FM_OK) {
+        fprintf(out, "S context: %s\n", fm_last_error(ctx));
+        _exit(11);
+    }
     char err[1024] = "";
     void *state = NULL;
     fm_status s = o->op->setup(ctx, &o->prob, &state, err, sizeof err);
@@ -417,6 +423,116 @@ static int parse_result(char *line, variant *v, int nv, double flops) {
     return i;
 }
 
+/* Starts a worker: this same program, exec'ed afresh (`fmtune --worker`), so that it inherits no
+ * state from the tuner (a fork alone would carry over whatever NVRTC or the driver set up here,
+ * and cuInit refuses to run in such a child). The job goes down its stdin as lines:
+ *   OP name | PROB dtype shape params | RUNS n | CACHE dir | DEADLINE t | V idx family name params
+ * and the results come back on *rfd[0]. */
+static pid_t spawn_worker(const fm_tune_opts *o, const variant *v, const int *idx, int n,
+                          double deadline, int rfd[2]) {
+    int in[2];
+    if (pipe(rfd)) return -1;
+    if (pipe(in)) {
+        close(rfd[0]);
+        close(rfd[1]);
+        return -1;
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(rfd[1], 1);
+        close(in[0]);
+        close(in[1]);
+        close(rfd[0]);
+        close(rfd[1]);
+        execl("/proc/self/exe", "fmtune", "--worker", (char *)NULL);
+        _exit(127);
+    }
+    close(in[0]);
+    close(rfd[1]);
+    if (pid < 0) {
+        close(in[1]);
+        close(rfd[0]);
+        return -1;
+    }
+    FILE *f = fdopen(in[1], "w");
+    if (!f) {
+        close(in[1]);
+        return pid; /* the worker sees an empty job and exits; the caller sees no results */
+    }
+    char params[1024];
+    fm_config_params_string(&o->prob.p, params, sizeof params);
+    fprintf(f, "OP %s\nPROB %s %s %s\nRUNS %d\nCACHE %s\nDEADLINE %.6f\n", o->op->name,
+            o->prob.dtype, o->prob.shape, params, o->runs, o->cache_dir[0] ? o->cache_dir : "-",
+            deadline);
+    for (int q = 0; q < n; q++) {
+        fm_config_params_string(&v[idx[q]].cfg, params, sizeof params);
+        fprintf(f, "V %d %s %s %s\n", idx[q], v[idx[q]].cfg.family, v[idx[q]].cfg.name, params);
+    }
+    fprintf(f, "END\n");
+    fclose(f);
+    return pid;
+}
+
+int fm_tune_worker(void) {
+    fm_tune_opts o;
+    memset(&o, 0, sizeof o);
+    char line[4096], a[256], b[512], c[2048];
+    variant *v = NULL;
+    int *idx = NULL, n = 0, cap = 0, maxi = -1;
+    double deadline = 0;
+    typedef struct { int i; fm_config cfg; } item;
+    item *items = NULL;
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        if (!strncmp(line, "OP ", 3)) {
+            o.op = !strcmp(line + 3, fm_op_moe.name) ? &fm_op_moe : &fm_op_attn_fwd;
+        } else if (sscanf(line, "PROB %255s %511s %2047s", a, b, c) == 3) {
+            snprintf(o.prob.dtype, sizeof o.prob.dtype, "%.*s", (int)sizeof o.prob.dtype - 1, a);
+            snprintf(o.prob.shape, sizeof o.prob.shape, "%.*s", (int)sizeof o.prob.shape - 1, b);
+            fm_config_parse_params(&o.prob.p, c);
+        } else if (!strncmp(line, "RUNS ", 5)) {
+            o.runs = atoi(line + 5);
+        } else if (!strncmp(line, "CACHE ", 6)) {
+            snprintf(o.cache_dir, sizeof o.cache_dir, "%.*s", (int)sizeof o.cache_dir - 1,
+                     strcmp(line + 6, "-") ? line + 6 : "");
+        } else if (!strncmp(line, "DEADLINE ", 9)) {
+            deadline = atof(line + 9);
+        } else if (!strncmp(line, "V ", 2)) {
+            int i = -1;
+            if (sscanf(line, "V %d %255s %511s %2047s", &i, a, b, c) != 4 || i < 0) return 2;
+            if (n == cap) {
+                cap = cap ? 2 * cap : 64;
+                items = realloc(items, (size_t)cap * sizeof *items);
+                if (!items) return 3;
+            }
+            memset(&items[n], 0, sizeof items[n]);
+            items[n].i = i;
+            snprintf(items[n].cfg.family, sizeof items[n].cfg.family, "%.*s",
+                     (int)sizeof items[n].cfg.family - 1, a);
+            snprintf(items[n].cfg.name, sizeof items[n].cfg.name, "%.*s",
+                     (int)sizeof items[n].cfg.name - 1, b);
+            if (fm_config_parse_params(&items[n].cfg, c)) return 2;
+            if (i > maxi) maxi = i;
+            n++;
+        } else if (!strcmp(line, "END")) {
+            break;
+        }
+    }
+    if (!o.op || n == 0) return 2;
+    v = calloc((size_t)maxi + 1, sizeof *v);
+    idx = calloc((size_t)n, sizeof *idx);
+    if (!v || !idx) return 3;
+    for (int q = 0; q < n; q++) {
+        v[items[q].i].cfg = items[q].cfg;
+        idx[q] = items[q].i;
+    }
+    free(items);
+    worker_main(1, &o, v, idx, n, deadline); /* exits */
+    return 0;
+}
+
 /* Measures the variants listed in todo (indices into v), restarting the worker after faults.
  * Returns the number measured "ok". */
 static int measure(const fm_tune_opts *o, variant *v, int nv, int *todo, int ntodo, recorder *rc) {
@@ -426,18 +542,8 @@ static int measure(const fm_tune_opts *o, variant *v, int nv, int *todo, int nto
     int start = 0;
     while (start < ntodo) {
         int fd[2];
-        if (pipe(fd)) return ok;
-        fflush(NULL);
-        pid_t pid = fork();
-        if (pid == 0) {
-            close(fd[0]);
-            worker_main(fd[1], o, v, todo + start, ntodo - start, deadline);
-        }
-        close(fd[1]);
-        if (pid < 0) {
-            close(fd[0]);
-            return ok;
-        }
+        pid_t pid = spawn_worker(o, v, todo + start, ntodo - start, deadline, fd);
+        if (pid < 0) return ok;
         char buf[8192];
         size_t have = 0;
         int current = -1, finished_all = 0;

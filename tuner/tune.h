@@ -33,6 +33,8 @@ enum {
 };
 
 int fm_tune(const fm_tune_opts *o);
+/* `fmtune --worker`: runs a measuring job read from stdin (see tune.c). */
+int fm_tune_worker(void);
 
 /* Information about GPU 0 gathered in a short-lived child process, so that the tuner process
  * itself never initialises CUDA (a CUDA context does not survive fork). */

@@ -220,8 +220,15 @@ fm_status fm_attention_fwd(fm_context *ctx, const fm_attention_args *args, void 
     fm_status s = fm_attn_prepare(ctx, args, &p);
     if (s != FM_OK) return s;
     fm_config cfg;
-    if ((s = attn_choose(ctx, args, &cfg, NULL)) != FM_OK) return s;
+    fm_selection sel;
+    if ((s = attn_choose(ctx, args, &cfg, &sel)) != FM_OK) return s;
     const fm_loaded *k;
-    if ((s = fm_context_load(ctx, &cfg, &k)) != FM_OK) return s;
+    s = fm_context_load(ctx, &cfg, &k);
+    if (s == FM_ERR_GENERATOR && sel.source != FM_SOURCE_DEFAULT) {
+        /* A database entry this build's generator no longer knows (an axis renamed, a value
+         * culled since it was tuned): serve the default rather than fail. */
+        if ((s = attn_default(ctx, args, &cfg)) == FM_OK) s = fm_context_load(ctx, &cfg, &k);
+    }
+    if (s != FM_OK) return s;
     return fm_attn_launch(ctx, k, args, (CUstream)stream);
 }

@@ -12,7 +12,9 @@
 #include "op.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -59,6 +61,61 @@ static int attn_row_sampled(int i, int sq) {
 }
 
 #define ATTN_GUARD 4096 /* elements after the output that must stay poisoned */
+
+typedef struct attn_cmp_job {
+    const attn_case *c;
+    const fm_attention_args *a;
+    const unsigned short *q, *k, *v, *o;
+    const float *l;
+    double scale;
+    long next; /* next (b, h, row) index to take */
+    pthread_mutex_t lock;
+    double num, den, maxe, lse_err;
+} attn_cmp_job;
+
+/* Takes rows (flattened over batch, head, query) and folds their errors into the job. */
+static void *attn_cmp_worker(void *arg) {
+    attn_cmp_job *j = arg;
+    const attn_case *c = j->c;
+    int bf = c->dt == FM_DTYPE_BF16;
+    double *orow = malloc((size_t)c->d * sizeof *orow), *sc = malloc((size_t)c->sk * sizeof *sc);
+    double num = 0, den = 0, maxe = 0, lse_err = 0;
+    long total = (long)c->b * c->h * c->sq;
+    for (;;) {
+        pthread_mutex_lock(&j->lock);
+        long r0 = j->next;
+        j->next += 16;
+        pthread_mutex_unlock(&j->lock);
+        if (r0 >= total) break;
+        for (long r = r0; r < r0 + 16 && r < total; r++) {
+            int i = (int)(r % c->sq), hh = (int)((r / c->sq) % c->h), bb = (int)(r / ((long)c->sq * c->h));
+            if (!attn_row_sampled(i, c->sq)) continue;
+            double lse = attn_cpu_row(c, j->q, j->k, j->v, j->a, bb, hh, i, j->scale, orow, sc);
+            const unsigned short *out = j->o + ((size_t)bb * c->sq + i) * c->h * c->d + (size_t)hh * c->d;
+            for (int x = 0; x < c->d; x++) {
+                if (out[x] == 0xFFFF) continue;
+                double e = fm_16_to_float(out[x], bf) - orow[x];
+                if (!(fabs(e) <= maxe)) maxe = isnan(e) ? INFINITY : fabs(e);
+                num += e * e;
+                den += orow[x] * orow[x];
+            }
+            if (c->lse) {
+                float got = j->l[((size_t)bb * c->h + hh) * c->sq + i];
+                double e = isinf(lse) ? (isinf(got) && got < 0 ? 0 : INFINITY) : fabs(got - lse);
+                if (!(e <= lse_err)) lse_err = isnan(e) ? INFINITY : e;
+            }
+        }
+    }
+    free(orow);
+    free(sc);
+    pthread_mutex_lock(&j->lock);
+    j->num += num;
+    j->den += den;
+    if (!(maxe <= j->maxe)) j->maxe = maxe;
+    if (!(lse_err <= j->lse_err)) j->lse_err = lse_err;
+    pthread_mutex_unlock(&j->lock);
+    return NULL;
+}
 
 /* Runs case c with configuration cfg (NULL: fm_attention_fwd chooses) and checks it.
  * Returns the relative error (Frobenius over the sampled rows), or a negative value on failure
@@ -149,35 +206,22 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
         goto out;
     }
     {
-        double num = 0, den = 0, maxe = 0, lse_err = 0;
         long unwritten = 0, guard = 0;
-        double *orow = malloc((size_t)c->d * sizeof *orow), *sc = malloc((size_t)c->sk * sizeof *sc);
-        double scale = 1.0 / sqrt((double)c->d);
         for (size_t e = 0; e < no; e++) unwritten += ho[e] == 0xFFFF;
         for (size_t e = no; e < no + ATTN_GUARD; e++) guard += ho[e] != 0xFFFF;
-        for (int bb = 0; bb < c->b; bb++)
-            for (int hh = 0; hh < c->h; hh++)
-                for (int i = 0; i < c->sq; i++) {
-                    if (!attn_row_sampled(i, c->sq)) continue;
-                    double lse = attn_cpu_row(c, hq, hk, hv, &a, bb, hh, i, scale, orow, sc);
-                    const unsigned short *out = ho + ((size_t)bb * c->sq + i) * c->h * c->d + (size_t)hh * c->d;
-                    for (int x = 0; x < c->d; x++) {
-                        double e = fm_16_to_float(out[x], bf) - orow[x];
-                        if (out[x] == 0xFFFF) continue;
-                        if (!(fabs(e) <= maxe)) maxe = isnan(e) ? INFINITY : fabs(e);
-                        num += e * e;
-                        den += orow[x] * orow[x];
-                    }
-                    if (c->lse) {
-                        float got = hl[((size_t)bb * c->h + hh) * c->sq + i];
-                        double e = isinf(lse) ? (isinf(got) && got < 0 ? 0 : INFINITY) : fabs(got - lse);
-                        if (!(e <= lse_err)) lse_err = isnan(e) ? INFINITY : e;
-                    }
-                }
+        /* the float64 reference is the slow part: rows are shared out among threads */
+        attn_cmp_job job = {c, &a, hq, hk, hv, ho, hl, 1.0 / sqrt((double)c->d), 0,
+                            PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0};
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        int nth = ncpu > 1 ? (int)(ncpu > 32 ? 32 : ncpu) : 1;
+        pthread_t th[32];
+        int started = 0;
+        for (int t = 0; t < nth; t++) started += pthread_create(&th[started], NULL, attn_cmp_worker, &job) == 0;
+        if (!started) attn_cmp_worker(&job);
+        for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
+        double num = job.num, den = job.den, maxe = job.maxe, lse_err = job.lse_err;
         if (c->lse)
             for (size_t e = nl; e < nl + ATTN_GUARD; e++) guard += hl[e] == hl[e]; /* must stay NaN */
-        free(orow);
-        free(sc);
         rel = den > 0 ? sqrt(num / den) : sqrt(num);
         double tol = bf ? 1.5e-2 : 4e-3;
         CHECK(unwritten == 0, "%s: %ld output elements never written", label, unwritten);

@@ -8,6 +8,7 @@
 #   tunegrid  fmtune over the benchmark grid (time-budgeted per shape)
 #   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG
 #   benchq    the same on a reduced grid
+#   moetune   fmtune --op moe, DeepSeek-V3 preset, per token bucket (MOE_TOKENS)
 #   moe       bench/bench_moe.py
 set -u
 B=${BUILD:-build}
@@ -44,6 +45,13 @@ for stage in "$@"; do
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;
     benchq)
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" --quick 2>&1 | tee "$OUT/bench_attn.log" | tail -n 30 ;;
+    moetune)
+      for t in ${MOE_TOKENS:-16 1024 4096 16384}; do
+        "$B/fmtune" --op moe --gpu auto --preset deepseek-v3 --tokens $t --db "$FLASHMOE_DB" \
+          --runs 5 --budget ${MOE_BUDGET:-30} ${MOE_FAMILIES:+--families $MOE_FAMILIES} >> "$OUT/moetune.log" 2>&1
+        echo "T=$t rc=$?"
+      done
+      grep -E "^best|^fmtune: measured" "$OUT/moetune.log" ;;
     moe)
       python3 bench/bench_moe.py --lib "$B/libflashmoe.so" --out "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -n 30 ;;
     *) echo "unknown stage $stage" ;;

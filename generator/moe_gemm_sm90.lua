@@ -1,13 +1,21 @@
 -- moe_gemm_sm90.lua - the grouped expert GEMMs of the fused MoE forward for Hopper (sm_90a):
--- wgmma m64nNk16 from 128-byte-swizzled shared memory, fed by an all-thread cp.async pipeline
--- (templates/moe_gemm_sm90.cu). Same entries, parameters and launch as moe_gemm_sm80 (read its
--- header); the runtime derives gemm2's symbol from the family name.
+-- wgmma m64nNk16 from 128-byte-swizzled shared memory (templates/moe_gemm_sm90.cu). Same entries,
+-- parameters and semantics as moe_gemm_sm80 (read its header); the runtime derives gemm2's symbol
+-- from the family name. Two pipelines (axis pipe):
+--  - sync: every thread copies with cp.async, one CTA per tile (the launch of sm80);
+--  - ws: warp-specialised and persistent (templates/common/moe_gemm_sm90_ws.cuh): a producer
+--    warpgroup (weights and gemm2's A through the copy engine, gemm1's gathered rows with
+--    cp.async) and two consumer warpgroups; its GEMM entries take two tensor maps before the
+--    parameter block and run one CTA per SM (runtime/moe.c builds the maps).
 --
--- Axes compiled in: block_m (64 rows per warpgroup: 64 or 128), block_n (the wgmma N: gemm1
--- takes block_n/2 gate and block_n/2 up rows), stages. block_k is 64 (the swizzle atom's row).
--- Launch-only axes as in sm80: group_m, split_k (gemm2), combine.
+-- Axes compiled in: pipe, block_m (64 rows per warpgroup: 64 or 128), block_n (the wgmma N:
+-- gemm1 takes block_n/2 gate and block_n/2 up rows), stages. block_k is 64 (the swizzle atom's
+-- row). Launch-only axes as in sm80: group_m, split_k (gemm2), combine.
 
-local function smem(c) return c.stages * (c.block_m + c.block_n) * 128 + 1024 end
+-- ws: + 1024 more for the 2 * stages mbarriers behind the ring.
+local function smem(c)
+  return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "ws" and 2048 or 1024)
+end
 
 return {
   name = "moe_gemm_sm90",
@@ -22,9 +30,10 @@ return {
     { name = "dtype", values = { "bf16", "fp16" } },
   },
   axes = {
+    { name = "pipe", values = { "sync", "ws" } },
     { name = "block_m", values = { 64, 128 } },
     { name = "block_n", values = { 64, 128, 256 } },
-    { name = "stages", values = { 3, 4, 5 } },
+    { name = "stages", values = { 3, 4, 5, 6 } },
     { name = "group_m", values = { 1, 8 } },
     { name = "split_k", values = { 1, 2, 4 } },
     { name = "combine", values = { "slot", "atomic" } },
@@ -42,6 +51,26 @@ return {
           lim.smem_per_block or 0)
       end,
       check = function(c, lim) return not lim.smem_per_block or smem(c) <= lim.smem_per_block end,
+    },
+    {
+      -- Two consumer warpgroups of 64 rows share each weight tile; the producer's gather covers
+      -- 128 rows with 128 threads x 8 chunks.
+      reason = "pipe = ws takes block_m = 128",
+      check = function(c) return c.pipe ~= "ws" or c.block_m == 128 end,
+    },
+    {
+      reason = "pipe = ws takes block_n = 128 or 256",
+      check = function(c) return c.pipe ~= "ws" or c.block_n >= 128 end,
+    },
+    {
+      -- The persistent grid already covers the SMs; split-K would need a second reduction.
+      reason = "pipe = ws has no split-K",
+      check = function(c) return c.pipe ~= "ws" or c.split_k == 1 end,
+    },
+    {
+      -- 6 stages only pay off when one thread group does nothing but copy.
+      reason = "stages = 6 is for pipe = ws",
+      check = function(c) return c.pipe == "ws" or c.stages <= 5 end,
     },
     {
       -- 64 x 64 warpgroup tiles leave the A tile reused by only 64 weight rows.
@@ -68,9 +97,10 @@ return {
     },
   },
 
+  -- pipe = sync keeps the names it had before the axis existed (tuning databases refer to them).
   name_of = function(c)
-    return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s", c.dtype, c.block_m,
-      c.block_n, c.stages, c.group_m, c.split_k, c.combine)
+    return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s%s", c.dtype, c.block_m,
+      c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "ws" and "_ws" or "")
   end,
 
   defines = function(c)
@@ -79,10 +109,11 @@ return {
       FM_BLOCK_M = c.block_m,
       FM_BLOCK_N = c.block_n,
       FM_STAGES = c.stages,
+      FM_MOE_WS = c.pipe == "ws" and 1 or 0,
     }
   end,
 
-  threads = function(c) return c.block_m // 64 * 128 end,
+  threads = function(c) return c.pipe == "ws" and 384 or c.block_m // 64 * 128 end,
   smem_bytes = smem,
 
   -- Untuned default (problem fields t, e, k, h, i, sms as for sm80). Rows per routed expert
@@ -96,8 +127,11 @@ return {
     local sms = p.sms or 132
     local hit = math.min(e, t * k)
     local rows = t * k / hit
-    local c = { group_m = 1, split_k = 1, combine = "slot" }
-    if rows <= 64 then
+    local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot" }
+    -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
+    -- tile won every bucket from T=1024 (32 rows per expert) up; the weight-streaming 64-row
+    -- tile won at T=16 (0.5 rows per expert).
+    if rows <= 16 then
       c.block_m, c.block_n, c.stages = 64, 128, 4
       local ctas = math.max(1, hit) * ((h + c.block_n - 1) // c.block_n)
       for _, s in ipairs({ 2, 4 }) do
@@ -106,7 +140,7 @@ return {
       end
       if c.split_k > 1 then c.combine = "atomic" end
     else
-      c.block_m, c.block_n, c.stages, c.group_m = 128, 256, 4, 8
+      c.pipe, c.block_m, c.block_n, c.stages, c.group_m = "ws", 128, 256, 4, 1
     end
     while c.stages > 3 and lim.smem_per_block and smem(c) > lim.smem_per_block do
       c.stages = c.stages - 1

@@ -10,7 +10,9 @@
  *   3. fm_moe_gemm1_<arch> grid m_tiles * ceil(I / (BN/2)): intermediate [rows, I] 16-bit
  *   4. fm_moe_gemm2_<arch> grid (m_tiles * ceil(H / BN), split_k): slot rows or fp32 atomics
  *      (<arch> = sm80 or sm90 from the configuration's family; block and shared memory from
- *      the loaded configuration, the same for both GEMMs)
+ *      the loaded configuration, the same for both GEMMs). moe_gemm_sm90 with pipe = ws: both
+ *      GEMMs are persistent (grid min(SMs, tiles), one CTA per SM) and take two tensor maps
+ *      before the parameter block (ws_maps below)
  *   5. fm_moe_combine      grid ceil(T * H / 2048) x 256: out [T, H]
  * m_tiles = floor((T*K + min(E, T*K) * (BM - 1)) / BM) bounds the real tile count: an expert
  * with c > 0 rows needs ceil(c / BM) <= (c + BM - 1) / BM tiles, at most min(E, T*K) experts
@@ -289,6 +291,75 @@ fm_status fm_moe_choose(fm_context *ctx, const fm_moe_args *a, fm_config *cfg,
 
 /* ---- launching ------------------------------------------------------------------------------ */
 
+/* A 4-D tensor map of 16-bit elements for the warp-specialised sm90 GEMMs (pipe = ws): dims
+ * innermost first, byte strides of dims 1..3, a box 64 elements (128 bytes, the 128-byte
+ * swizzle span the wgmma descriptors assume) wide. Rows past a dimension's end load as zeros. */
+static fm_status encode_map4(fm_context *ctx, CUtensorMap *map, const char *what, fm_dtype dtype,
+                             const void *base, const cuuint64_t dims[4],
+                             const cuuint64_t strides[3], const cuuint32_t box[4]) {
+    cuuint32_t estride[4] = {1, 1, 1, 1};
+    for (int i = 0; i < 3; i++)
+        if (strides[i] % 16 != 0 || strides[i] >= (1ull << 40))
+            return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
+                                "moe: %s: stride %llu bytes is not a multiple of 16 below 2^40",
+                                what, (unsigned long long)strides[i]);
+    CUtensorMapDataType dt = dtype == FM_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    CUresult r = ctx->drv->cuTensorMapEncodeTiled(
+        map, dt, 4, (void *)(uintptr_t)base, dims, strides, box, estride,
+        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "moe: %s", what);
+        return fm_cuda_error(ctx, ctx->drv, r, msg);
+    }
+    return FM_OK;
+}
+
+/* The maps of the ws GEMMs (templates/common/moe_gemm_sm90_ws.cuh): gemm1 reads w13 [E, 2I, H]
+ * as (H, I, 2, E) in boxes (64, bn/2, 2, 1), so one box holds the gate rows and the up rows of
+ * the same bn/2 columns, and rows past I in a tail tile are zeros rather than the next half;
+ * gemm2 reads w2 [E, H, I] as (I, H, E, 1) in boxes (64, bn, 1, 1) and the intermediate
+ * [rows, I] as (I, rows, 1, 1) in boxes (64, 128, 1, 1). gemm1's A rows are gathered by the
+ * kernel itself; its first map argument is a copy of the second, never read. */
+static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inter,
+                         long long inter_rows, int bn, CUtensorMap m1[2], CUtensorMap m2[2]) {
+    const cuuint64_t H = (cuuint64_t)a->hidden, I = (cuuint64_t)a->intermediate;
+    const cuuint64_t E = (cuuint64_t)a->experts;
+    memset(m1, 0, 2 * sizeof *m1);
+    memset(m2, 0, 2 * sizeof *m2);
+    fm_status s;
+    {
+        const cuuint64_t dims[4] = {H, I, 2, E};
+        const cuuint64_t st[3] = {H * 2, I * H * 2, 2 * I * H * 2};
+        const cuuint32_t box[4] = {64, (cuuint32_t)(bn / 2), 2, 1};
+        if ((s = encode_map4(ctx, &m1[1], "tensor map of w13", a->dtype, a->w13, dims, st,
+                             box)) != FM_OK)
+            return s;
+        m1[0] = m1[1];
+    }
+    {
+        const cuuint64_t dims[4] = {I, H, E, 1};
+        const cuuint64_t st[3] = {I * 2, H * I * 2, E * H * I * 2};
+        const cuuint32_t box[4] = {64, (cuuint32_t)bn, 1, 1};
+        if ((s = encode_map4(ctx, &m2[1], "tensor map of w2", a->dtype, a->w2, dims, st, box)) !=
+            FM_OK)
+            return s;
+    }
+    {
+        const cuuint64_t rows = (cuuint64_t)inter_rows;
+        const cuuint64_t dims[4] = {I, rows, 1, 1};
+        /* Extent-1 dimensions are never stepped; the driver still wants a multiple of 16. */
+        const cuuint64_t st[3] = {I * 2, rows * I * 2, rows * I * 2};
+        const cuuint32_t box[4] = {64, 128, 1, 1};
+        if ((s = encode_map4(ctx, &m2[0], "tensor map of the intermediate", a->dtype, inter, dims,
+                             st, box)) != FM_OK)
+            return s;
+    }
+    return FM_OK;
+}
+
 static fm_status load_fixed(fm_context *ctx, const char *family, const fm_loaded **out) {
     fm_config c;
     memset(&c, 0, sizeof c);
@@ -339,8 +410,11 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     int split = (int)fm_config_int(cfg, "split_k", 1);
     const char *comb = fm_config_str(cfg, "combine");
     const int atomic = comb && strcmp(comb, "atomic") == 0;
+    const char *pipe = fm_config_str(cfg, "pipe");
+    const int ws_pipe = pipe && strcmp(pipe, "ws") == 0; /* moe_gemm_sm90 pipe = ws */
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
-        a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic))
+        a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
+        (ws_pipe && (bm != 128 || bk != 64 || split != 1 || (bn != 128 && bn != 256))))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -441,6 +515,16 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const char *suffix = strncmp(cfg->family, "moe_gemm_", 9) == 0 ? cfg->family + 9 : "";
     snprintf(entry2, sizeof entry2, "fm_moe_gemm2_%s", suffix);
 
+    /* pipe = ws: persistent, one CTA per SM at most (each takes ~200 KB of shared memory). */
+    CUtensorMap m1[2], m2[2];
+    long long g1_grid = g1_ctas, g2_grid = g2_ctas;
+    if (ws_pipe) {
+        if ((s = ws_maps(ctx, a, inter, l.max_rows, bn, m1, m2)) != FM_OK) return s;
+        const long long sms = ctx->sm_count > 0 ? ctx->sm_count : 1;
+        if (g1_grid > sms) g1_grid = sms;
+        if (g2_grid > sms) g2_grid = sms;
+    }
+
     if ((s = fm_context_enter(ctx)) != FM_OK) return s;
     CUfunction f_gemm2, f_combine;
     if ((s = get_fn(ctx, gemm, entry2, gemm->smem_bytes, &f_gemm2)) != FM_OK ||
@@ -464,12 +548,32 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     if ((s = launch(ctx, align->fn, "moe: fm_moe_align", 1, 1, (unsigned)align->threads, 0, stream,
                     &ap)) != FM_OK)
         goto out;
-    if ((s = launch(ctx, gemm->fn, "moe: gemm1", (unsigned)g1_ctas, 1, (unsigned)gemm->threads,
-                    (unsigned)gemm->smem_bytes, stream, &g1)) != FM_OK)
-        goto out;
-    if ((s = launch(ctx, f_gemm2, "moe: gemm2", (unsigned)g2_ctas, (unsigned)split,
-                    (unsigned)gemm->threads, (unsigned)gemm->smem_bytes, stream, &g2)) != FM_OK)
-        goto out;
+    if (ws_pipe) {
+        void *argv1[] = {&m1[0], &m1[1], &g1};
+        void *argv2[] = {&m2[0], &m2[1], &g2};
+        CUresult r = ctx->drv->cuLaunchKernel(gemm->fn, (unsigned)g1_grid, 1, 1,
+                                              (unsigned)gemm->threads, 1, 1,
+                                              (unsigned)gemm->smem_bytes, stream, argv1, NULL);
+        if (r != CUDA_SUCCESS) {
+            s = fm_cuda_error(ctx, ctx->drv, r, "moe: gemm1");
+            goto out;
+        }
+        r = ctx->drv->cuLaunchKernel(f_gemm2, (unsigned)g2_grid, 1, 1, (unsigned)gemm->threads, 1,
+                                     1, (unsigned)gemm->smem_bytes, stream, argv2, NULL);
+        if (r != CUDA_SUCCESS) {
+            s = fm_cuda_error(ctx, ctx->drv, r, "moe: gemm2");
+            goto out;
+        }
+    } else {
+        if ((s = launch(ctx, gemm->fn, "moe: gemm1", (unsigned)g1_ctas, 1,
+                        (unsigned)gemm->threads, (unsigned)gemm->smem_bytes, stream, &g1)) !=
+            FM_OK)
+            goto out;
+        if ((s = launch(ctx, f_gemm2, "moe: gemm2", (unsigned)g2_ctas, (unsigned)split,
+                        (unsigned)gemm->threads, (unsigned)gemm->smem_bytes, stream, &g2)) !=
+            FM_OK)
+            goto out;
+    }
     s = launch(ctx, f_combine, "moe: combine", (unsigned)comb_ctas, 1, MOE_COMBINE_THREADS, 0,
                stream, &cp);
 out:

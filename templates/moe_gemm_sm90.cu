@@ -27,6 +27,10 @@
  *
  * Block = 128 * BLOCK_M/64 threads; dynamic shared memory = STAGES * (BM + BN) * 128 + 1024 bytes
  * (the slack aligns the tiles to 1024 bytes for the swizzle atoms).
+ *
+ * FM_MOE_WS = 1 replaces the two GEMM entries by the warp-specialised persistent pipeline of
+ * common/moe_gemm_sm90_ws.cuh (producer warpgroup, TMA weights, two consumer warpgroups; its
+ * entries take two tensor maps first); the combine entry is the same in both.
  */
 #include "common/moe_params.h"
 #include "common/numeric.cuh"
@@ -43,6 +47,12 @@
 #ifndef FM_STAGES
 #define FM_STAGES 4
 #endif
+/* 0: the all-thread cp.async pipeline below; 1: the warp-specialised persistent pipeline (TMA
+ * weights, producer warpgroup, two consumer warpgroups) of common/moe_gemm_sm90_ws.cuh, whose
+ * GEMM entries take two tensor maps before the parameter block. */
+#ifndef FM_MOE_WS
+#define FM_MOE_WS 0
+#endif
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ != 900 || !defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #error "moe_gemm_sm90.cu uses wgmma: compile it for sm_90a"
@@ -56,10 +66,16 @@
 #if FM_STAGES < 2 || FM_STAGES > 6
 #error "FM_STAGES must be in 2..6"
 #endif
+#if FM_MOE_WS != 0 && FM_MOE_WS != 1
+#error "FM_MOE_WS must be 0 or 1"
+#endif
 #if FM_BLOCK_M > FM_MOE_MAX_BLOCK_M || FM_BLOCK_M < FM_MOE_MIN_BLOCK_M
 #error "FM_BLOCK_M outside the range the workspace is sized for"
 #endif
 
+#if FM_MOE_WS
+#include "common/moe_gemm_sm90_ws.cuh"
+#else
 namespace fm_moe_sm90 {
 
 constexpr int kBM = FM_BLOCK_M, kBN = FM_BLOCK_N, kBK = 64;
@@ -272,6 +288,8 @@ fm_moe_gemm2_sm90(const fm_moe_gemm_params p) {
     extern __shared__ __align__(1024) unsigned char fm_smem[];
     fm_moe_sm90::gemm<false>(p, fm_smem);
 }
+
+#endif
 
 /* Combine (common/moe_device.cuh). Launch: 256 threads, grid = ceil(T * H / 8 / 256). */
 extern "C" __global__ void __launch_bounds__(256)

@@ -10,9 +10,12 @@
  *     modes (softmax with and without renormalisation; sigmoid with and without groups and
  *     bias), bf16 and fp16, through fm_moe_fwd (the library's own choice);
  *  C. a set of configurations spanning every axis value of both families (sm80: block_m
- *     16..128, block_n, block_k 32, stages, warps; sm90 on sm_90 devices: block_m 64/128,
- *     block_n 64..256, stages; both: group_m, split_k, both combine modes), or every kept
- *     configuration with FM_TEST_MOE_ALL=1, through fm_moe_launch;
+ *     16..128, block_n, block_k 32, stages, warps; sm90 on sm_90 devices: both pipelines,
+ *     block_m 64/128, block_n 64..256, stages; both: group_m, split_k, both combine modes), or
+ *     every kept configuration with FM_TEST_MOE_ALL=1, through fm_moe_launch;
+ *  C'. the warp-specialised sm90 configurations (pipe = ws) on the odd shapes of B as well:
+ *     T = 1, an expert with no token, one expert with every token (many tiles of one expert,
+ *     partial last tile), I and H below one tile (tensor-map zero fill), E = 512 with K = 16;
  *  D. argument checking: H or I not a multiple of 64, topk > E, topk > 16, E > 512, NULL
  *     pointers, bad groups, a workspace one byte too small: FM_ERR_INVALID_ARGUMENT with a
  *     message.
@@ -399,27 +402,36 @@ typedef struct cfg_spec {
     const char *family;
     int bm, bn, bk, stages, warps, group_m, split; /* bk, warps: sm80 only */
     const char *combine;
+    const char *pipe; /* sm90 only: "sync" or "ws" */
 } cfg_spec;
 
 /* Every axis value at least once; each is a kept configuration of generator/moe_gemm_sm80.lua
  * or moe_gemm_sm90.lua on an H100 (smaller devices skip what does not fit). */
 static const cfg_spec specs[] = {
-    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot"},
-    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic"},
-    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic"},
-    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot"},
-    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic"},
-    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot"},
-    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic"},
-    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic"},
-    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot"},
-    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot"},
-    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot"},
-    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic"},
-    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic"},
-    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic"},
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot"},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic"},
+    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot", NULL},
+    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic", NULL},
+    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic", NULL},
+    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot", NULL},
+    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic", NULL},
+    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot", NULL},
+    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic", NULL},
+    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic", NULL},
+    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot", NULL},
+    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot", NULL},
+    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot", "sync"},
+    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic", "sync"},
+    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic", "sync"},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "sync"},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "sync"},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync"},
+};
+
+/* The warp-specialised sm90 pipeline: both block_n, stages 3..6, both rasters and combines. */
+static const cfg_spec ws_specs[] = {
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws"},
+    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws"},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws"},
+    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws"},
 };
 
 static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_loaded **k) {
@@ -432,6 +444,7 @@ static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_
     fm_config_set_int(&c, "block_m", sp->bm);
     fm_config_set_int(&c, "block_n", sp->bn);
     if (!sm90) fm_config_set_int(&c, "block_k", sp->bk);
+    if (sm90) fm_config_set_str(&c, "pipe", sp->pipe);
     fm_config_set_int(&c, "stages", sp->stages);
     if (!sm90) fm_config_set_int(&c, "warps", sp->warps);
     fm_config_set_int(&c, "group_m", sp->group_m);
@@ -615,6 +628,24 @@ int main(void) {
             for (size_t j = 0; j < sizeof specs / sizeof specs[0]; j++) {
                 const fm_loaded *k;
                 if (load_spec(ctx, &specs[j], sweep[i].dt, &k)) run_and_check(ctx, &m, k, k->name);
+            }
+            for (size_t j = 0; j < sizeof ws_specs / sizeof ws_specs[0]; j++) {
+                const fm_loaded *k;
+                if (load_spec(ctx, &ws_specs[j], sweep[i].dt, &k))
+                    run_and_check(ctx, &m, k, k->name);
+            }
+        }
+        data_free(ctx, &m);
+    }
+
+    /* C': the ws pipeline on the odd shapes of B (T = 1, empty and hot experts, tails) */
+    for (size_t i = 0; i < ncases && ctx->arch == 90; i++) {
+        moe_data m;
+        if (data_init(ctx, &m, &cases[i])) {
+            for (size_t j = 0; j < sizeof ws_specs / sizeof ws_specs[0]; j++) {
+                const fm_loaded *k;
+                if (load_spec(ctx, &ws_specs[j], cases[i].dt, &k))
+                    run_and_check(ctx, &m, k, k->name);
             }
         }
         data_free(ctx, &m);

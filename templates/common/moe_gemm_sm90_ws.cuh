@@ -1,0 +1,333 @@
+/*
+ * moe_gemm_sm90_ws.cuh - the warp-specialised, persistent variant of the Hopper grouped GEMMs
+ * (moe_gemm_sm90 with pipe = ws; included by templates/moe_gemm_sm90.cu when FM_MOE_WS = 1).
+ * Same semantics, parameter block and outputs as the cp.async variant; different launch:
+ *
+ *   fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_a,   (unused by gemm1)
+ *                     const __grid_constant__ fm_tma_desc tma_b,   w13 as 4-D (H, I, 2, E)
+ *                     const fm_moe_gemm_params p)
+ *   fm_moe_gemm2_sm90(tma_a = intermediate as 4-D (I, rows, 1, 1), tma_b = w2 as 4-D (I, H, E, 1), p)
+ *   block 384 threads (3 warpgroups), grid = min(SMs, m_tiles * n_tiles) persistent CTAs,
+ *   dynamic shared memory STAGES * (128 + BLOCK_N) * 128 + 2048 bytes.
+ * All boxes are 64 elements (128 bytes, the 128-byte swizzle span) wide; rows past the end of
+ * a dimension come back as zeros (N tails: I or H not a multiple of the tile).
+ *
+ * Roles:
+ *  - warpgroup 0, the producer, gives registers away (setmaxnreg.dec) and fills a ring of
+ *    STAGES shared-memory stages [A 128 x 64 | B BLOCK_N x 64], each guarded by a full and an
+ *    empty mbarrier. Thread 0 issues the weight tile with the copy engine (one 4-D box; for
+ *    gemm1 the box spans both the gate and the up half, so the stage holds BLOCK_N/2 gate rows
+ *    followed by the BLOCK_N/2 up rows of the same columns), and gemm2's A tile (contiguous
+ *    rows of the intermediate). gemm1's A rows are gathered token rows, which no tiled tensor
+ *    map can address: all 128 producer threads copy them with cp.async (16 bytes each, 8 per
+ *    thread per stage; padding rows zero-filled).
+ *  - warpgroups 1 and 2, the consumers, take 64 rows each of the 128-row tile and all BLOCK_N
+ *    columns: 4 wgmma m64nNk16 per stage, one group in flight behind the one issued, then they
+ *    release the previous stage (one arrival per consumer warp) and run the epilogue from
+ *    registers (SwiGLU for gemm1; routing weight and slot row or fp32 atomics for gemm2).
+ *    While the consumers run an epilogue the producer is already filling the next tile's
+ *    stages.
+ *  - a consumer warpgroup whose 64 rows are all padding (an expert's last tile holding <= 64
+ *    rows: padding rows are at the end of each expert's range, so row 64 decides) issues no
+ *    wgmma and writes nothing, only keeps the barrier protocol. At T = 4096 with 256 experts
+ *    (~128 rows per expert) this removes about half of the padding work.
+ *
+ * cp.async and the tensor cores: cp.async writes through the generic proxy, wgmma reads
+ * through the async proxy. A producer thread signals the full barrier of stage j only after
+ * cp.async.wait_group has seen its copies of j land and it executed fence.proxy.async; the
+ * mbarrier arrive (release) / consumer wait (acquire) then orders them before the wgmma. To keep
+ * copies in flight the thread signals stage j while the copies of j+1 .. j+LAG are still
+ * pending (LAG = STAGES - 2). No deadlock: before waiting on the empty barrier of stage j the
+ * producer has signalled every stage up to j - 1 - LAG >= j - STAGES + 1, which includes the
+ * stage j - STAGES the consumers must finish first.
+ *
+ * Persistent order: tile t (of num_tiles * n_tiles, num_tiles read from the device) is
+ * rasterised in groups of group_m M-tiles walking the N tiles together, M fastest. The ~132
+ * CTAs in flight then cover a band of consecutive M-tiles (one or two per expert at T = 4096)
+ * with every N tile, so each weight tile is read from HBM once and served from L2 to the
+ * other M tile of its expert, and each gathered A tile is reused from L2 across N tiles.
+ */
+#pragma once
+
+#ifndef FM_PRODUCER_REGS
+#define FM_PRODUCER_REGS 40
+#endif
+#ifndef FM_CONSUMER_REGS
+#define FM_CONSUMER_REGS 232 /* 128 * (40 + 2 * 232) = 64512 <= 65536 */
+#endif
+#if FM_BLOCK_M != 128
+#error "the warp-specialised MoE GEMM takes BLOCK_M = 128 (two consumer warpgroups of 64 rows)"
+#endif
+#if FM_BLOCK_N != 128 && FM_BLOCK_N != 256
+#error "the warp-specialised MoE GEMM takes BLOCK_N = 128 or 256"
+#endif
+#if FM_STAGES < 3
+#error "the warp-specialised MoE GEMM needs at least 3 stages (cp.async lag STAGES - 2 >= 1)"
+#endif
+#if FM_PRODUCER_REGS < 24 || FM_PRODUCER_REGS % 8 != 0 || FM_CONSUMER_REGS > 256 || \
+    FM_CONSUMER_REGS % 8 != 0
+#error "setmaxnreg counts must be multiples of 8 in 24..256"
+#endif
+#if 128 * (FM_PRODUCER_REGS + 2 * FM_CONSUMER_REGS) > 65536
+#error "register split exceeds the 64K registers of an SM"
+#endif
+
+namespace fm_moe_ws {
+
+constexpr int kBM = 128, kBN = FM_BLOCK_N, kBK = 64;
+constexpr int kStages = FM_STAGES;
+constexpr int kLag = kStages - 2;
+constexpr int kThreads = 384;
+constexpr int kRowBytes = kBK * 2;            /* 128 */
+constexpr int kABytes = kBM * kRowBytes;      /* 16 KB */
+constexpr int kBBytes = kBN * kRowBytes;      /* 16 or 32 KB */
+constexpr int kStageBytes = kABytes + kBBytes;
+constexpr int kBarOffset = kStages * kStageBytes; /* full[S] then empty[S], 8 bytes each */
+constexpr int kAcc = kBN / 2;
+constexpr int kGatherIters = kBM * 8 / 128;   /* 16-byte chunks per producer thread: 8 */
+static_assert(kStageBytes % 1024 == 0 && kABytes % 1024 == 0, "1024-byte swizzle atoms");
+static_assert(kBarOffset + 16 * kStages <= kStages * kStageBytes + 1024, "barriers fit the slack");
+
+/* Tile t -> (m_tile, n_tile): groups of group_m M-tiles, M fastest inside a group. */
+static __device__ __forceinline__ void raster(int t, int m_tiles, int n_tiles, int group_m,
+                                              int &m_tile, int &n_tile) {
+    const int gm = group_m < 1 ? 1 : group_m;
+    const int per_group = gm * n_tiles;
+    const int first = (t / per_group) * gm;
+    const int rows = min(m_tiles - first, gm);
+    const int local = t - (t / per_group) * per_group;
+    m_tile = first + local % rows;
+    n_tile = local / rows;
+}
+
+template <bool GATHER>
+static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const fm_tma_desc *tma_b,
+                                                const fm_moe_gemm_params &p, unsigned s_base,
+                                                int m_tiles, int total) {
+    const int tid = threadIdx.x; /* 0..127 */
+    if (!GATHER && tid != 0) return;
+    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
+    const int k_tiles = p.k / kBK;
+    const int ccol = tid % 8, rbase = tid / 8; /* rows rbase + 16 j */
+    const fm_elem_t *A = (const fm_elem_t *)p.a;
+    constexpr unsigned kTmaBytes = GATHER ? kBBytes : kABytes + kBBytes;
+
+    int it = 0;       /* k-tiles issued by this CTA, over all its tiles */
+    int signaled = 0; /* GATHER: k-tiles whose full barrier this thread has arrived on */
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        int m_tile, n_tile;
+        raster(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
+        const int expert = p.tile_expert[m_tile];
+        const int m0 = m_tile * kBM;
+
+        const fm_elem_t *src[kGatherIters];
+        unsigned ok = 0;
+        if (GATHER) {
+#pragma unroll
+            for (int j = 0; j < kGatherIters; ++j) {
+                const int slot = p.sorted_slot[m0 + rbase + 16 * j];
+                src[j] = A + ccol * 8;
+                if (slot >= 0) {
+                    src[j] = A + (long long)(slot / p.topk) * p.k + ccol * 8;
+                    ok |= 1u << j;
+                }
+            }
+        }
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            const int s = it % kStages;
+            const unsigned ph = (unsigned)(it / kStages) & 1u;
+            const unsigned sA = s_base + (unsigned)(s * kStageBytes), sB = sA + kABytes;
+            /* The consumers have finished reading this stage's previous contents. */
+            fm_mbar_wait(bar_empty + 8 * s, ph ^ 1u);
+            if (tid == 0) {
+                fm_mbar_arrive_expect_tx(bar_full + 8 * s, kTmaBytes);
+                if (GATHER) /* w13 (H, I, 2, E): gate and up rows of columns n0.. */
+                    fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * (kBN / 2), 0,
+                                   expert);
+                else { /* w2 (I, H, E, 1); intermediate (I, rows, 1, 1) */
+                    fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * kBN, expert,
+                                   0);
+                    fm_tma_load_4d(sA, tma_a, bar_full + 8 * s, kt * kBK, m0, 0, 0);
+                }
+            }
+            if (GATHER) {
+                const int koff = kt * kBK;
+#pragma unroll
+                for (int j = 0; j < kGatherIters; ++j) {
+                    const bool v = (ok >> j) & 1u;
+                    fm_cp_async_16(sA + fm_moe::swz<kBK>(rbase + 16 * j, ccol),
+                                   v ? src[j] + koff : src[j], v ? 16 : 0);
+                }
+                fm_cp_async_commit();
+                if (it + 1 - signaled > kLag) {
+                    /* k-tile `signaled` is the oldest pending group: wait for it, publish it. */
+                    fm_cp_async_wait<kLag>();
+                    fm_fence_proxy_async();
+                    fm_mbar_arrive(bar_full + 8 * (signaled % kStages));
+                    ++signaled;
+                }
+            }
+        }
+    }
+    if (GATHER) {
+        fm_cp_async_wait<0>();
+        fm_fence_proxy_async();
+        for (; signaled < it; ++signaled) fm_mbar_arrive(bar_full + 8 * (signaled % kStages));
+    }
+}
+
+template <bool GATED>
+static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
+                                                int m_tiles, int total) {
+    const int cw = threadIdx.x / 128 - 1; /* rows 64cw..64cw+63 of each tile */
+    const int wtid = threadIdx.x % 128;
+    const int warp = wtid / 32, lane = wtid % 32;
+    const int g = lane / 4, tq = lane % 4;
+    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
+    const int k_tiles = p.k / kBK;
+
+    /* Stage 0 descriptors: K-major, 128-byte swizzle, SBO 1024 (next 8 rows); this warpgroup's
+     * 64 A rows start 8 atoms further per consumer. Descriptor units are 16 bytes. */
+    const unsigned long long a_desc0 =
+        fm_wgmma_desc_sw128(s_base + (unsigned)(cw * 64 * kRowBytes), 16, 1024);
+    const unsigned long long b_desc0 = fm_wgmma_desc_sw128(s_base + kABytes, 16, 1024);
+    constexpr unsigned kStageDesc = kStageBytes >> 4;
+
+    float acc[kAcc];
+    int it = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        int m_tile, n_tile;
+        raster(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
+        const int m0 = m_tile * kBM;
+        const int row0 = m0 + cw * 64;
+        /* Padding rows close each expert's range: a warpgroup whose first row is padding has
+         * no real row. Warp-uniform (one load, same address), so wgmma stays converged. */
+        const bool active = p.sorted_slot[row0] >= 0;
+
+        if (!active) {
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                const int s = it % kStages;
+                fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
+                __syncwarp();
+                if (lane == 0) fm_mbar_arrive(bar_empty + 8 * s);
+            }
+            continue;
+        }
+
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+        int prev_s = 0;
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            const int s = it % kStages;
+            fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
+            const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
+            const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
+            fm_wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < kBK / 16; ++ks)
+                fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
+                                                             bd + (unsigned)(2 * ks), 1);
+            fm_wgmma_commit();
+            /* The previous k-tile's group is done in this warp: its stage may be refilled. */
+            fm_wgmma_wait<1>();
+            if (kt > 0 && lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
+            prev_s = s;
+        }
+        fm_wgmma_wait<0>();
+        fm_fence_regs(acc);
+        if (lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
+
+        /* ---- epilogue: acc[4i + r] = (row 16*warp + g + 8*(r/2), column 8i + 2*tq + r%2) ---- */
+        const int row_base = row0 + warp * 16 + g;
+        if (GATED) {
+            const int n_out0 = n_tile * (kBN / 2);
+            fm_elem_t *C = (fm_elem_t *)p.c;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const long long row = row_base + 8 * h;
+#pragma unroll
+                for (int i = 0; i < kBN / 16; ++i) {
+                    const int col = n_out0 + 8 * i + 2 * tq;
+                    if (col >= p.n) continue;
+                    const int gi = 4 * i + 2 * h, ui = 4 * (i + kBN / 16) + 2 * h;
+                    const float v0 = fm_moe::silu(acc[gi]) * acc[ui];
+                    const float v1 = fm_moe::silu(acc[gi + 1]) * acc[ui + 1];
+                    *(unsigned *)(C + row * p.n + col) = fm_pack_elem2(v0, v1);
+                }
+            }
+        } else {
+            const int n_out0 = n_tile * kBN;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int slot = p.sorted_slot[row_base + 8 * h];
+                if (slot < 0) continue; /* padding row */
+                const float w = p.slot_weight[slot];
+                if (p.atomic) {
+                    float *C = (float *)p.c + (long long)(slot / p.topk) * p.n;
+#pragma unroll
+                    for (int i = 0; i < kBN / 8; ++i) {
+                        const int col = n_out0 + 8 * i + 2 * tq;
+                        if (col < p.n)
+                            fm_moe::red_add_f32x2(C + col, w * acc[4 * i + 2 * h],
+                                                  w * acc[4 * i + 2 * h + 1]);
+                    }
+                } else {
+                    fm_elem_t *C = (fm_elem_t *)p.c + (long long)slot * p.n;
+#pragma unroll
+                    for (int i = 0; i < kBN / 8; ++i) {
+                        const int col = n_out0 + 8 * i + 2 * tq;
+                        if (col < p.n)
+                            *(unsigned *)(C + col) = fm_pack_elem2(w * acc[4 * i + 2 * h],
+                                                                   w * acc[4 * i + 2 * h + 1]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <bool GATED>
+static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_tma_desc *tma_b,
+                                            const fm_moe_gemm_params &p,
+                                            unsigned char *smem_raw) {
+    const unsigned s_base = (fm_smem_u32(smem_raw) + 1023u) & ~1023u;
+    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
+    if (threadIdx.x == 0) {
+        if (!GATED) fm_tma_prefetch_desc(tma_a);
+        fm_tma_prefetch_desc(tma_b);
+        for (int s = 0; s < kStages; ++s) {
+            /* gemm1: 128 cp.async arrivals + thread 0's expect_tx; gemm2: the expect_tx. */
+            fm_mbar_init(bar_full + 8 * s, GATED ? 129 : 1);
+            fm_mbar_init(bar_empty + 8 * s, 8); /* one per consumer warp */
+        }
+        fm_mbar_init_fence();
+    }
+    __syncthreads();
+
+    /* Real M tiles (written by the alignment kernel earlier on the stream). */
+    const int m_tiles = min(*p.num_tiles, p.m_tiles);
+    const int total = m_tiles * p.n_tiles;
+    if (threadIdx.x < 128) {
+        fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
+        producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total);
+    } else {
+        fm_setmaxnreg_inc<FM_CONSUMER_REGS>();
+        consumer<GATED>(p, s_base, m_tiles, total);
+    }
+}
+
+} // namespace fm_moe_ws
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_a,
+                  const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
+    extern __shared__ __align__(1024) unsigned char fm_smem[];
+    fm_moe_ws::gemm<true>(&tma_a, &tma_b, p, fm_smem);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+fm_moe_gemm2_sm90(const __grid_constant__ fm_tma_desc tma_a,
+                  const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
+    extern __shared__ __align__(1024) unsigned char fm_smem[];
+    fm_moe_ws::gemm<false>(&tma_a, &tma_b, p, fm_smem);
+}

@@ -587,8 +587,16 @@ fm_status fm_moe_fwd(fm_context *ctx, const fm_moe_args *args, void *stream) {
     fm_status s = check_args(ctx, args, &l);
     if (s != FM_OK) return s;
     fm_config cfg;
-    if ((s = fm_moe_choose(ctx, args, &cfg, NULL)) != FM_OK) return s;
+    fm_selection sel;
+    if ((s = fm_moe_choose(ctx, args, &cfg, &sel)) != FM_OK) return s;
     const fm_loaded *k;
-    if ((s = fm_context_load(ctx, &cfg, &k)) != FM_OK) return s;
+    s = fm_context_load(ctx, &cfg, &k);
+    if (s == FM_ERR_GENERATOR && sel.source != FM_SOURCE_DEFAULT) {
+        /* a tuned entry this build's generator no longer renders: serve the default */
+        char shape[160];
+        fm_moe_shape(args, shape, sizeof shape);
+        if ((s = moe_default(ctx, args, shape, &cfg)) == FM_OK) s = fm_context_load(ctx, &cfg, &k);
+    }
+    if (s != FM_OK) return s;
     return fm_moe_launch(ctx, k, args, (CUstream)stream);
 }

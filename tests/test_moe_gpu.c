@@ -121,18 +121,20 @@ static void cpu_weights(const moe_case *c, const float *row, const int *ids, dou
 }
 
 /* A choice that differs from the CPU's is accepted only where rounding can flip it: some pair of
- * distinct selection (or group) scores closer than eps, and the GPU's set still the top-K
- * within eps. Exact ties are not ambiguous: both sides see equal values and take the lower
- * index. */
-static int near_tie_valid(const moe_case *c, const float *score, const float *gscore,
-                          const int *gpu_ids) {
+ * selection (or group) scores closer than eps, and the GPU's set still the top-K within eps.
+ * Scores made from equal inputs are exact ties that both sides break toward the lower index; but
+ * scores from different inputs that the CPU rounds to the same float (sigmoid saturates) may
+ * differ by an ulp on the GPU, so they count as near ties. */
+static int near_tie_valid(const moe_case *c, const float *row, const float *bias,
+                          const float *score, const float *gscore, const int *gpu_ids) {
     const float eps = 2e-6f;
     int ng = c->routing == 1 && c->n_group > 1 ? c->n_group : 1, gs = c->E / ng;
     int ambiguous = 0;
     for (int i = 0; i < c->E && !ambiguous; i++)
         for (int j = i + 1; j < c->E; j++) {
             float d = fabsf(score[i] - score[j]);
-            if (d > 0 && d <= eps) ambiguous = 1;
+            int same_inputs = row[i] == row[j] && (!bias || bias[i] == bias[j]);
+            if (d <= eps && (d > 0 || !same_inputs)) ambiguous = 1;
         }
     for (int i = 0; i < ng && !ambiguous; i++)
         for (int j = i + 1; j < ng; j++) {
@@ -334,7 +336,7 @@ static void run_and_check(fm_context *ctx, moe_data *m, const fm_loaded *k, cons
         cpu_route_token(c, row, m->bias, cids, score, keep, gscore);
         int same = memcmp(cids, ids + t * K, K * sizeof(int)) == 0;
         if (!same) {
-            if (near_tie_valid(c, score, gscore, ids + t * K))
+            if (near_tie_valid(c, row, c->routing == 1 ? m->bias : NULL, score, gscore, ids + t * K))
                 near++;
             else if (id_bad++ < 3)
                 fprintf(stderr, "  %s [%s] token %zu: gpu ids %d %d .. cpu %d %d ..\n", c->name,

@@ -31,22 +31,9 @@ static fm_status encode_map(fm_context *ctx, CUtensorMap *map, const char *what,
     for (int i = 0; i < 3; i++) {
         strides[i] = (cuuint64_t)el[i] * esize;
         if (dims[i + 1] == 1 && strides[i] == 0) strides[i] = 16;
-        if (strides[i] % 16 != 0 || strides[i] >= (1ull << 40))
-            return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
-                                "%s: stride %llu bytes is not a multiple of 16 below 2^40 (the "
-                                "copy engine's rule)",
-                                what, (unsigned long long)strides[i]);
     }
-    cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
-    cuuint32_t estride[4] = {1, 1, 1, 1};
-    CUtensorMapDataType dt = dtype == FM_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-    CUresult r = ctx->drv->cuTensorMapEncodeTiled(
-        map, dt, 4, (void *)(uintptr_t)base, dims, strides, box, estride,
-        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, what);
-    return FM_OK;
+    const cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
+    return fm_tma_encode_4d(ctx, map, what, dtype, base, dims, strides, box);
 }
 
 fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kernel_params *p,

@@ -176,6 +176,11 @@ fm_status fm_attn_launch_sm80(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
                               const fm_attention_args *a, CUstream stream);
 fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kernel_params *p,
                               const fm_attention_args *a, CUstream stream);
+/* A 4-D bf16/fp16 tensor map, 128-byte swizzle, zero fill past the ends (runtime/tma.c).
+ * dims innermost first, strides in bytes for dims 1..3. */
+fm_status fm_tma_encode_4d(fm_context *ctx, CUtensorMap *map, const char *what, fm_dtype dtype,
+                           const void *base, const cuuint64_t dims[4], const cuuint64_t strides[3],
+                           const cuuint32_t box[4]);
 /* Launches configuration c (already loaded as k) for args: dispatches on c->family. */
 fm_status fm_attn_launch(fm_context *ctx, const fm_loaded *k, const fm_attention_args *a,
                          CUstream stream);

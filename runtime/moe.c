@@ -291,32 +291,6 @@ fm_status fm_moe_choose(fm_context *ctx, const fm_moe_args *a, fm_config *cfg,
 
 /* ---- launching ------------------------------------------------------------------------------ */
 
-/* A 4-D tensor map of 16-bit elements for the warp-specialised sm90 GEMMs (pipe = ws): dims
- * innermost first, byte strides of dims 1..3, a box 64 elements (128 bytes, the 128-byte
- * swizzle span the wgmma descriptors assume) wide. Rows past a dimension's end load as zeros. */
-static fm_status encode_map4(fm_context *ctx, CUtensorMap *map, const char *what, fm_dtype dtype,
-                             const void *base, const cuuint64_t dims[4],
-                             const cuuint64_t strides[3], const cuuint32_t box[4]) {
-    cuuint32_t estride[4] = {1, 1, 1, 1};
-    for (int i = 0; i < 3; i++)
-        if (strides[i] % 16 != 0 || strides[i] >= (1ull << 40))
-            return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
-                                "moe: %s: stride %llu bytes is not a multiple of 16 below 2^40",
-                                what, (unsigned long long)strides[i]);
-    CUtensorMapDataType dt = dtype == FM_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                    : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-    CUresult r = ctx->drv->cuTensorMapEncodeTiled(
-        map, dt, 4, (void *)(uintptr_t)base, dims, strides, box, estride,
-        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "moe: %s", what);
-        return fm_cuda_error(ctx, ctx->drv, r, msg);
-    }
-    return FM_OK;
-}
-
 /* The maps of the ws GEMMs (templates/common/moe_gemm_sm90_ws.cuh): gemm1 reads w13 [E, 2I, H]
  * as (H, I, 2, E) in boxes (64, bn/2, 2, 1), so one box holds the gate rows and the up rows of
  * the same bn/2 columns, and rows past I in a tail tile are zeros rather than the next half;
@@ -334,18 +308,17 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
         const cuuint64_t dims[4] = {H, I, 2, E};
         const cuuint64_t st[3] = {H * 2, I * H * 2, 2 * I * H * 2};
         const cuuint32_t box[4] = {64, (cuuint32_t)(bn / 2), 2, 1};
-        if ((s = encode_map4(ctx, &m1[1], "tensor map of w13", a->dtype, a->w13, dims, st,
-                             box)) != FM_OK)
-            return s;
+        s = fm_tma_encode_4d(ctx, &m1[1], "moe: tensor map of w13", a->dtype, a->w13, dims, st,
+                             box);
+        if (s != FM_OK) return s;
         m1[0] = m1[1];
     }
     {
         const cuuint64_t dims[4] = {I, H, E, 1};
         const cuuint64_t st[3] = {I * 2, H * I * 2, E * H * I * 2};
         const cuuint32_t box[4] = {64, (cuuint32_t)bn, 1, 1};
-        if ((s = encode_map4(ctx, &m2[1], "tensor map of w2", a->dtype, a->w2, dims, st, box)) !=
-            FM_OK)
-            return s;
+        s = fm_tma_encode_4d(ctx, &m2[1], "moe: tensor map of w2", a->dtype, a->w2, dims, st, box);
+        if (s != FM_OK) return s;
     }
     {
         const cuuint64_t rows = (cuuint64_t)inter_rows;
@@ -353,9 +326,9 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
         /* Extent-1 dimensions are never stepped; the driver still wants a multiple of 16. */
         const cuuint64_t st[3] = {I * 2, rows * I * 2, rows * I * 2};
         const cuuint32_t box[4] = {64, 128, 1, 1};
-        if ((s = encode_map4(ctx, &m2[0], "tensor map of the intermediate", a->dtype, inter, dims,
-                             st, box)) != FM_OK)
-            return s;
+        s = fm_tma_encode_4d(ctx, &m2[0], "moe: tensor map of the intermediate", a->dtype, inter,
+                             dims, st, box);
+        if (s != FM_OK) return s;
     }
     return FM_OK;
 }

@@ -151,11 +151,9 @@ fm_status fm_attn_launch_sm80(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
     return r == CUDA_SUCCESS ? FM_OK : fm_cuda_error(ctx, ctx->drv, r, k->name);
 }
 
-fm_status fm_attn_launch(fm_context *ctx, const fm_loaded *k, const fm_attention_args *a,
-                         CUstream stream) {
-    fm_attn_kernel_params p;
-    fm_status s = fm_attn_prepare(ctx, a, &p);
-    if (s != FM_OK) return s;
+/* Launches k with a parameter block fm_attn_prepare already filled from a. */
+static fm_status launch_prepared(fm_context *ctx, const fm_loaded *k, fm_attn_kernel_params *p,
+                                 const fm_attention_args *a, CUstream stream) {
     long long d = fm_config_int(&k->cfg, "head_dim", 0);
     long long c = fm_config_int(&k->cfg, "causal", -1);
     const char *dt = fm_config_str(&k->cfg, "dtype");
@@ -163,15 +161,23 @@ fm_status fm_attn_launch(fm_context *ctx, const fm_loaded *k, const fm_attention
         return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
                             "configuration %s does not match the call (%s, d=%d, causal=%d)",
                             k->name, dtype_name(a->dtype), a->head_dim, a->causal ? 1 : 0);
-    if ((s = fm_context_enter(ctx)) != FM_OK) return s;
+    fm_status s = fm_context_enter(ctx);
+    if (s != FM_OK) return s;
     if (strcmp(k->cfg.family, "attn_fwd_sm90") == 0)
-        s = fm_attn_launch_sm90(ctx, k, &p, a, stream);
+        s = fm_attn_launch_sm90(ctx, k, p, a, stream);
     else if (strcmp(k->cfg.family, "attn_fwd_sm80") == 0)
-        s = fm_attn_launch_sm80(ctx, k, &p, a, stream);
+        s = fm_attn_launch_sm80(ctx, k, p, a, stream);
     else
         s = fm_set_error(ctx, FM_ERR_INTERNAL, "no launcher for family %s", k->cfg.family);
     fm_context_leave(ctx);
     return s;
+}
+
+fm_status fm_attn_launch(fm_context *ctx, const fm_loaded *k, const fm_attention_args *a,
+                         CUstream stream) {
+    fm_attn_kernel_params p;
+    fm_status s = fm_attn_prepare(ctx, a, &p);
+    return s != FM_OK ? s : launch_prepared(ctx, k, &p, a, stream);
 }
 
 /* The per-architecture default comes from the generator (each family's `default`), computed
@@ -230,5 +236,5 @@ fm_status fm_attention_fwd(fm_context *ctx, const fm_attention_args *args, void 
         if ((s = attn_default(ctx, args, &cfg)) == FM_OK) s = fm_context_load(ctx, &cfg, &k);
     }
     if (s != FM_OK) return s;
-    return fm_attn_launch(ctx, k, args, (CUstream)stream);
+    return launch_prepared(ctx, k, &p, args, (CUstream)stream);
 }

@@ -26,5 +26,12 @@ grep -q "^best for attn_fwd bf16 b=2,sq=1000,sk=1000,h=4,hkv=2,d=128,causal=1" "
 grep -q "already measured" "$work/err2" && ok || bad "second run did not resume"
 "$fmtune" db show --db "$db" | grep -q "attn_fwd" && ok || bad "db show lists nothing"
 "$serve" "$db" 2 1000 128 4 2 1 && ok || bad "the runtime was not served the tuned shape"
+# a variant that takes the worker down is recorded as a fault, and the others are still measured
+FMTUNE_TEST_CRASH=1 "$fmtune" --gpu auto --shape 1x300x64 --heads 2 --db "$work/crash.sqlite" --runs 3 \
+  --max-variants 4 > "$work/out3" 2> "$work/err3"; rc=$?
+[ $rc = 0 ] && ok || { bad "tune with a crashing variant exited $rc"; tail -n 20 "$work/err3"; }
+grep -q " fault " "$work/err3" && ok || bad "the crash was not recorded as a fault"
+[ "$(grep -c " ok " "$work/out3")" -ge 1 ] && ok || bad "no variant measured after the crash"
+"$fmtune" db show --db "$work/crash.sqlite" | grep -q "fault" && ok || bad "the fault is not in the database"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]

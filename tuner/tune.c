@@ -253,6 +253,8 @@ static void worker_main(int out_fd, const fm_tune_opts *o, variant *v, const int
     fm_context_leave(ctx);
     double flops = o->op->flops(&o->prob);
     int runs = o->runs > 0 ? o->runs : 30;
+    const char *crash_env = getenv("FMTUNE_TEST_CRASH");
+    int crash_at = crash_env ? atoi(crash_env) : -1;
     double *t = calloc((size_t)runs, sizeof *t);
     if (!t) _exit(14);
 
@@ -263,6 +265,9 @@ static void worker_main(int out_fd, const fm_tune_opts *o, variant *v, const int
             continue;
         }
         fprintf(out, "B %d\n", i);
+        /* FMTUNE_TEST_CRASH=q kills each worker inside its q-th variant (from 0), so tests can check
+         * that a variant that takes its process down is recorded as a fault and tuning goes on. */
+        if (crash_at == q) raise(SIGSEGV);
         const fm_loaded *k = NULL;
         s = fm_context_load(ctx, &v[i].cfg, &k);
         if (s != FM_OK) {

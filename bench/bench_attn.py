@@ -32,9 +32,9 @@ def grid(quick):
     for d in (64, 128, 256):
         for causal in (False, True):
             for s in seqs:
-                pts.append((16384 // s, s, 2048 // d, d, causal))
-    pts.append((8, 4096, 16, 128, False))
-    pts.append((8, 4096, 16, 128, True))
+                pts.append((16384 // s, s, 2048 // d, d, causal, False))
+    pts.append((8, 4096, 16, 128, False, True))  # the mission shape, outside the grid's mean
+    pts.append((8, 4096, 16, 128, True, True))
     return pts
 
 
@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--only", default="",
+                    help="comma-separated D:causal:S points (and/or 'mission') to run, e.g. 128:0:4096")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -55,7 +57,12 @@ def main():
     dev = torch.cuda.get_device_name()
     print("card: %s, torch %s, cuDNN %s" % (dev, torch.__version__, torch.backends.cudnn.version()))
     rows = []
-    for (b, s, h, d, causal) in grid(args.quick):
+    pts = grid(args.quick)
+    if args.only:
+        want = set(args.only.split(","))
+        pts = [p for p in pts if "%d:%d:%d" % (p[3], p[4], p[1]) in want
+               or ("mission" in want and p[5])]
+    for (b, s, h, d, causal, mission) in pts:
         torch.manual_seed(0)
         # SDPA layout is [B, H, S, D]; flashmoe reads [B, S, H, D] through strides, so both see
         # the very same memory: a [B, S, H, D] tensor transposed.
@@ -68,7 +75,7 @@ def main():
         fa = fm.attention_args(q, k, v, o, causal)
         cfg, source, tuned = fm.select(fa)
         stream = torch.cuda.current_stream().cuda_stream
-        res = {"card": dev, "b": b, "s": s, "h": h, "d": d, "causal": int(causal),
+        res = {"card": dev, "b": b, "s": s, "h": h, "d": d, "causal": int(causal), "mission": int(mission),
                "config": cfg, "source": source}
 
         def run_fm():
@@ -104,7 +111,7 @@ def main():
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    g = [r for r in rows[:-2]]
+    g = [r for r in rows if not r["mission"]]
 
     def geo(key):
         vals = [r[key] for r in g if r[key] == r[key] and r[key] > 0]

@@ -59,12 +59,27 @@ local function consumer_need(c)
   return n
 end
 
-local function smem_bytes(c)
+-- Q + K and V rings + mbarriers (q_full, q_empty, o_empty, 4 per stage) + 1024 bytes of slack
+-- to align the base to the 1024-byte swizzle atom (see the template).
+local function smem_base(c)
   local q = c.block_m * c.head_dim * 2
   local kv = c.block_n * c.head_dim * 2
-  -- Q + K and V rings + mbarriers (q_full, q_empty, o_empty, 4 per stage) + 1024 bytes of
-  -- slack to align the base to the 1024-byte swizzle atom (see the template).
   return q + 2 * c.stages * kv + 8 * (3 + 4 * c.stages) + 1024
+end
+
+-- The epilogue stages O in a buffer of its own (FM_O_SEPARATE) wherever that still fits the
+-- H100/H200 limit: the warpgroups then finish a tile without waiting for each other and the next
+-- tile's V copies need not wait for the epilogue (with O staged in the V ring, the next tile's
+-- first P V waits for a copy issued only after the epilogue: estimated at about a microsecond
+-- per tile, 2% of a 32-block d128 tile at S = 4096, up to 8% at S = 1024). Fits: d64 (all tiles), d128 128x128 and
+-- 64x128, d256 64x64; not d128 128x176 or d256 with two consumers. Decided on the fixed limit,
+-- not the device's, so that a configuration name always means the same kernel.
+local function o_separate(c)
+  return smem_base(c) + c.block_m * c.head_dim * 2 <= SMEM_DEFAULT
+end
+
+local function smem_bytes(c)
+  return smem_base(c) + (o_separate(c) and c.block_m * c.head_dim * 2 or 0)
 end
 
 return {
@@ -107,7 +122,7 @@ return {
     },
     {
       reason = "the V ring (stages * block_n rows) must hold the block_m output rows the epilogue stages there",
-      check = function(c) return c.stages * c.block_n >= c.block_m end,
+      check = function(c) return o_separate(c) or c.stages * c.block_n >= c.block_m end,
     },
     {
       reason = function(c)
@@ -127,6 +142,13 @@ return {
     {
       reason = "persistent only with intra_overlap: the persistent loop pays off on the fully pipelined variant, and the default space stays small enough to compile in CI",
       check = function(c) return c.persistent == 0 or c.intra_overlap == 1 end,
+    },
+    {
+      -- Measured on H200 (18 shapes, d 64/128/256, S 1k/4k/16k, causal or not): with two or
+      -- three consumers, intra_overlap 0 was never within 7% of the best variant. The
+      -- one-consumer serial variant stays as the simple fallback.
+      reason = "intra_overlap 0 only with one consumer warpgroup (the serial fallback): measured at least 7% behind with two or three",
+      check = function(c) return c.intra_overlap == 1 or c.consumer_wgs == 1 end,
     },
     {
       reason = "with one consumer warpgroup there is no register split (entry cap 255 already); producer_regs must be 24",
@@ -168,6 +190,7 @@ return {
       FM_PINGPONG = c.pingpong,
       FM_INTRA_OVERLAP = c.intra_overlap,
       FM_PERSISTENT = c.persistent,
+      FM_O_SEPARATE = o_separate(c) and 1 or 0,
       FM_PRODUCER_REGS = split and c.producer_regs or 0,
       FM_CONSUMER_REGS = split and consumer_regs(c) or 0,
     }
@@ -176,16 +199,19 @@ return {
   threads = threads,
   smem_bytes = smem_bytes,
 
-  -- Per-architecture default (FA3's shapes): three consumers on 192x128 for d64, two on
-  -- 128x176 (non-causal) / 128x128 (causal) for d128 and 128x80 for d256; ping-pong and
-  -- intra-warpgroup overlap on, one tile per CTA.
+  -- Per-architecture default, from the H200 tuning grid (bf16, S = 1k/4k/16k): three consumers
+  -- on 192x128 for d64, two on 128x128 for d128 (128x176 won only at S = 16k, by under 2%) and
+  -- on 128x80 for d256; ping-pong and intra-warpgroup overlap on. Persistent where not causal
+  -- (it won 8 of those 9 shapes, by up to 9% at S = 1k); causal was measured with one tile per
+  -- CTA winning, before the paired persistent schedule (see the template): re-check that.
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
-    local c = { pingpong = 1, intra_overlap = 1, persistent = 0, producer_regs = 24 }
+    local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
+      producer_regs = 24 }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then
-      c.block_m, c.block_n, c.stages, c.consumer_wgs = 128, causal == 1 and 128 or 176, 2, 2
+      c.block_m, c.block_n, c.stages, c.consumer_wgs = 128, 128, 2, 2
     else
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 128, 80, 2, 2
     end

@@ -51,7 +51,9 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
 
     const long long m_blocks = ((long long)p->seqlen_q + bm - 1) / bm;
     const long long tiles = m_blocks * p->heads * p->batch;
-    if (tiles > INT_MAX)
+    /* Half of INT_MAX: the kernel's persistent causal schedule numbers two indices per pair of
+     * m-blocks, in int. */
+    if (tiles > INT_MAX / 2)
         return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
                             "%lld tiles of %lld rows: the problem is too large for one launch",
                             tiles, bm);

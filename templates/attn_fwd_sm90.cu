@@ -20,18 +20,29 @@
  *    barriers), so one warpgroup's softmax runs while another's products occupy the tensor cores.
  *  - Key blocks are visited from the last to the first, so the blocks that need masking (the
  *    diagonal and the ragged end of the keys) come first and the rest run a mask-free loop.
+ *  - Each consumer warpgroup computes only the key blocks its own 64 rows see: the blocks the
+ *    tile loads for its later rows only (causal diagonal), and all blocks for rows past
+ *    seqlen_q, are passed over (fm_skip_block). With 192-row tiles this removes a quarter of the
+ *    tensor work of causal S = 1024 and the ragged last tile of any S not a multiple of 192.
+ *  - Persistent causal CTAs run pairs of m-blocks (long + short) so that the static schedule is
+ *    balanced (fm_tile_iter).
  *  - A consumer releases Q as soon as its last S product is done, so that a persistent CTA
  *    loads the next tile's Q during the last P V and the epilogue. The output is normalised in
- *    registers, staged through the V ring (free once every consumer's last P V is done; the
- *    producer holds the next tile's V copies until the staging area is released) and written
- *    with 16-byte stores.
+ *    registers, staged through shared memory and written with 16-byte stores. FM_O_SEPARATE:
+ *    the staging area is a buffer of its own, each consumer's 64 rows private to it, so the
+ *    warpgroups finish their tiles independently and the next tile's K and V stream in during
+ *    the epilogue. Otherwise (no room: d128 with block_n 176, d256 with two consumers) it aliases
+ *    the V ring, free once every consumer's last P V is done; the producer then holds the next
+ *    tile's V copies until the staging area is released (o_empty), and the next tile's first
+ *    P V waits for a V copy issued only after the epilogue.
  *
  * Shared memory, from a 1024-byte aligned base (128-byte swizzle atoms must be 1024-aligned):
  *   Q  [D/64][BLOCK_M][64]            (each [rows][64] chunk written by one TMA box)
  *   K  [STAGES][D/64][BLOCK_N][64]
  *   V  [STAGES][D/64][BLOCK_N][64]
+ *   O  [BLOCK_M][D] staging, FM_O_SEPARATE only (else it aliases V); consumer c's rows at
+ *      O + c * 64 * D * 2, as D/64 chunks [64][64]
  *   mbarriers: q_full, q_empty, o_empty, k_full[S], k_empty[S], v_full[S], v_empty[S]
- *   O staging (epilogue) aliases V: consumer c at V + c * 64 * D * 2, as D/64 chunks [64][64].
  * The generator's smem_bytes adds 1024 bytes of slack for the alignment (dynamic shared memory
  * is only guaranteed 16-byte alignment).
  */
@@ -66,6 +77,9 @@
 #endif
 #ifndef FM_PERSISTENT
 #define FM_PERSISTENT 0
+#endif
+#ifndef FM_O_SEPARATE
+#define FM_O_SEPARATE 0 /* the generator sets it where the buffer fits in shared memory */
 #endif
 /* Register split under setmaxnreg: the producer needs few (one thread issues copies), the
  * consumers hold O (D/2 floats), S (BLOCK_N/2 floats) and P (BLOCK_N/4 words) per thread. With
@@ -117,6 +131,9 @@
 #if FM_PERSISTENT != 0 && FM_PERSISTENT != 1
 #error "FM_PERSISTENT must be 0 or 1"
 #endif
+#if FM_O_SEPARATE != 0 && FM_O_SEPARATE != 1
+#error "FM_O_SEPARATE must be 0 or 1"
+#endif
 #if FM_CONSUMER_WGS > 1
 #if FM_PRODUCER_REGS < 24 || FM_PRODUCER_REGS % 8 != 0 || FM_CONSUMER_REGS > 256 || \
     FM_CONSUMER_REGS % 8 != 0
@@ -136,16 +153,18 @@
 #define FM_KV_BYTES (FM_BN * FM_D * 2)      /* one stage of K (or of V) */
 #define FM_OFF_K FM_Q_BYTES
 #define FM_OFF_V (FM_OFF_K + FM_STAGES * FM_KV_BYTES)
-#define FM_OFF_BAR (FM_OFF_V + FM_STAGES * FM_KV_BYTES)
+#define FM_OFF_O (FM_OFF_V + FM_STAGES * FM_KV_BYTES)
+#define FM_O_BYTES (FM_O_SEPARATE ? FM_BM * FM_D * 2 : 0)
+#define FM_OFF_BAR (FM_OFF_O + FM_O_BYTES)
 #define FM_NUM_BARS (3 + 4 * FM_STAGES)
-#if FM_STAGES * FM_BN < FM_BM
+#if !FM_O_SEPARATE && FM_STAGES * FM_BN < FM_BM
 #error "the V ring (STAGES * BLOCK_N rows) must hold the BLOCK_M output rows staged in the epilogue"
 #endif
 /* Keep in sync with generator/attn_fwd_sm90.lua smem_bytes. */
 #define FM_SMEM_BYTES (FM_OFF_BAR + 8 * FM_NUM_BARS + 1024)
 
 /* Named barriers: 1..3 the ping-pong turn of consumer 0..2, 4..6 consumer c's epilogue, 7 all
- * consumers (before the epilogue overwrites V). */
+ * consumers (before the epilogue overwrites V, when O is staged there). */
 #define FM_BAR_TURN 1
 #define FM_BAR_EPI 4
 #define FM_BAR_CONSUMERS 7
@@ -157,31 +176,123 @@ struct fm_tile {
     int n_mask_from; /* blocks n >= n_mask_from need the key-bound or causal mask */
 };
 
-/* Tiles are numbered with the m-blocks of one (batch, head) adjacent, so the CTAs running at one
- * time share K/V of a few heads through L2; with causal masking each head's m-blocks go from the
- * longest (last rows, most keys) to the shortest, so the short ones fill the tail of the grid. */
-static __device__ __forceinline__ fm_tile fm_decode_tile(int t, const fm_attn_kernel_params &p) {
+/* Key blocks seen by query rows first_row..first_row+rows-1 (clipped to seqlen_q): n_end (0 when
+ * no row exists or none sees a key) and the first block that needs the mask. Computed per tile
+ * (what the producer loads) and per consumer warpgroup (what it multiplies): with a 192-row tile
+ * the upper warpgroups of the diagonal tile, or every row past a ragged seqlen_q, would otherwise
+ * run products whose scores are all masked. */
+static __device__ __forceinline__ void fm_key_range(int first_row, int rows,
+                                                    const fm_attn_kernel_params &p, int &n_end,
+                                                    int &n_mask_from) {
+    const int n_total = (p.seqlen_k + FM_BN - 1) / FM_BN;
+    n_end = first_row < p.seqlen_q ? n_total : 0;
+    n_mask_from = p.seqlen_k / FM_BN; /* blocks wholly below seqlen_k */
+#if FM_CAUSAL
+    /* Row i sees keys j <= i + off. The last existing row bounds the keys visited; the first row
+     * bounds the blocks every row sees in full. */
+    const int off = p.causal_offset;
+    const int last_row = min(first_row + rows, p.seqlen_q) - 1;
+    const int max_key = last_row + off;
+    if (max_key < 0) n_end = 0;
+    else n_end = min(n_end, max_key / FM_BN + 1);
+    const int seen_by_all = first_row + off + 1; /* keys < this are visible to every row */
+    n_mask_from = min(n_mask_from, seen_by_all <= 0 ? 0 : seen_by_all / FM_BN);
+#endif
+}
+
+static __device__ __forceinline__ fm_tile fm_make_tile(int bh, int mb,
+                                                       const fm_attn_kernel_params &p) {
     fm_tile r;
-    const int nmb = p.num_m_blocks;
-    const int bh = t / nmb;
-    const int mi = t - bh * nmb;
-    r.mb = FM_CAUSAL ? nmb - 1 - mi : mi;
+    r.mb = mb;
     r.h = bh % p.heads;
     r.b = bh / p.heads;
-    const int n_total = (p.seqlen_k + FM_BN - 1) / FM_BN;
-    r.n_end = n_total;
-    r.n_mask_from = p.seqlen_k / FM_BN; /* blocks wholly below seqlen_k */
-#if FM_CAUSAL
-    /* Row i sees keys j <= i + off. The tile's last stored row bounds the keys visited; its
-     * first row bounds the blocks every row sees in full. */
-    const int off = p.causal_offset;
-    const int last_row = min((r.mb + 1) * FM_BM, p.seqlen_q) - 1;
-    const int max_key = last_row + off;
-    r.n_end = max_key < 0 ? 0 : min(n_total, max_key / FM_BN + 1);
-    const int seen_by_all = r.mb * FM_BM + off + 1; /* keys < this are visible to every row */
-    r.n_mask_from = min(r.n_mask_from, seen_by_all <= 0 ? 0 : seen_by_all / FM_BN);
-#endif
+    fm_key_range(mb * FM_BM, FM_BM, p, r.n_end, r.n_mask_from);
     return r;
+}
+
+/* The sequence of tiles one CTA runs; producer and consumers walk identical copies.
+ *  - Non-persistent: tile blockIdx.x only. Tiles are numbered with the m-blocks of one (batch,
+ *    head) adjacent, so the CTAs running at one time share K/V of a few heads through L2; with
+ *    causal masking each head's m-blocks go from the longest (last rows, most keys) to the
+ *    shortest, and the hardware's in-order dispatch hands the short ones to the SMs that free
+ *    up first.
+ *  - Persistent, not causal: every tile costs the same; tiles blockIdx.x, + gridDim.x, ...
+ *  - Persistent, causal, more tiles than CTAs: a static stride over the causal order would give
+ *    CTA i the m-blocks i, i + G, ... of the heads, i.e. always about the same lengths (with 128
+ *    m-blocks per head and G = 132 the first CTAs get mostly long tiles, the others short ones:
+ *    measured 480 TFLOP/s against 720 for one tile per CTA at 16k). Instead the unit of work is a
+ *    pair of m-blocks (nmb-1-q, q) of one head, whose key blocks add up to about n_total + 1
+ *    whatever q is; units are strided over the CTAs (each runs the long tile, then the short
+ *    one, which rereads the long one's last key blocks from L2). An odd middle m-block is a
+ *    unit alone. */
+struct fm_tile_iter {
+    int v; /* the CTA's current index (the rest is recomputed: the producer runs on 24
+            * registers, the three-consumer d64 variant on 160) */
+};
+
+/* gridDim.x, read where it is used: a volatile read is not hoisted out of the tile loop, where the
+ * values derived from it (unit count, stride, the paired flag) would otherwise stay live in
+ * registers across the whole tile. */
+static __device__ __forceinline__ int fm_grid_ctas() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(r));
+    return (int)r;
+}
+
+/* x, opaque to the compiler: what is computed from it again is not merged with (and kept live
+ * from) an earlier computation from x. */
+static __device__ __forceinline__ int fm_opaque(int x) {
+    int r;
+    asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
+/* Paired causal schedule (see above)? Uniform over the grid. */
+static __device__ __forceinline__ bool fm_iter_paired(const fm_attn_kernel_params &p) {
+#if FM_PERSISTENT && FM_CAUSAL
+    return p.num_tiles > fm_grid_ctas();
+#else
+    (void)p;
+    return false;
+#endif
+}
+
+static __device__ __forceinline__ void fm_iter_init(fm_tile_iter &it,
+                                                    const fm_attn_kernel_params &p) {
+    it.v = fm_iter_paired(p) ? 2 * (int)blockIdx.x : (int)blockIdx.x;
+}
+
+static __device__ __forceinline__ bool fm_iter_more(const fm_tile_iter &it,
+                                                    const fm_attn_kernel_params &p) {
+    if (fm_iter_paired(p)) return it.v < 2 * ((p.num_m_blocks + 1) / 2) * p.heads * p.batch;
+    return it.v < p.num_tiles;
+}
+
+static __device__ __forceinline__ void fm_iter_advance(fm_tile_iter &it,
+                                                       const fm_attn_kernel_params &p) {
+    if (fm_iter_paired(p)) /* v = 2u + k: k = 0 the long tile of unit u, k = 1 the short one */
+        it.v = (it.v & 1) ? it.v - 1 + 2 * fm_grid_ctas() : it.v + 1;
+    else
+        it.v += FM_PERSISTENT ? fm_grid_ctas() : p.num_tiles;
+}
+
+/* The (batch, head, m-block) of index v; false for the second half of an odd middle unit,
+ * which has no tile. */
+static __device__ __forceinline__ bool fm_iter_tile(int v, const fm_attn_kernel_params &p,
+                                                    int &bh, int &mb) {
+    const int nmb = p.num_m_blocks;
+    if (fm_iter_paired(p)) {
+        const int units_per_head = (nmb + 1) / 2;
+        const int u = v >> 1;
+        bh = u / units_per_head;
+        const int q = u - bh * units_per_head;
+        mb = (v & 1) ? q : nmb - 1 - q;
+        return !((v & 1) && q == nmb - 1 - q);
+    }
+    bh = v / nmb;
+    const int mi = v - bh * nmb;
+    mb = FM_CAUSAL ? nmb - 1 - mi : mi;
+    return true;
 }
 
 /* ---- consumer helpers ---------------------------------------------------------------------- */
@@ -326,10 +437,17 @@ struct fm_consumer {
     unsigned turn_self, turn_next; /* ping-pong named barriers */
     int lane;
     float sl2;
-    int lim0, lim1; /* key j is valid for the thread's rows iff j < lim0 (row g), lim1 (g+8) */
+    /* Key j is valid for the thread's row g iff j < lim0, for row g + 8 iff j < lim1() (one
+     * register: the other bound is derived). */
+    int lim0;
     int col_lane;   /* 2 * (lane % 4): the thread's first column in each 8-column block */
     int stage;
     unsigned phase;
+
+    /* Causal: lim0 = g + causal_offset + 1 needs no clipping to seqlen_k, since a stored row
+     * (g < seqlen_q) has g + causal_offset + 1 <= seqlen_k; rows past seqlen_q may then see the
+     * zero-filled keys past seqlen_k, which only changes rows that are never stored. */
+    __device__ __forceinline__ int lim1() const { return FM_CAUSAL ? lim0 + 8 : lim0; }
 
     __device__ __forceinline__ unsigned long long kdesc(int st) const {
         return fm_wgmma_desc_sw128(sK + (unsigned)(st * FM_KV_BYTES), 16, 1024);
@@ -374,7 +492,7 @@ static __device__ __forceinline__ void fm_s_and_softmax(fm_consumer &c, int nb,
     fm_wgmma_wait<0>();
     fm_fence_regs(s);
     c.release(c.bar_k_empty + 8 * c.stage);
-    if constexpr (MASKED) fm_mask(s, nb * FM_BN + c.col_lane, c.lim0, c.lim1);
+    if constexpr (MASKED) fm_mask(s, nb * FM_BN + c.col_lane, c.lim0, c.lim1());
     fm_softmax<MASKED>(s, m, l, scl, c.sl2);
 }
 
@@ -419,7 +537,7 @@ static __device__ __forceinline__ void fm_step_overlap(fm_consumer &c, int nb,
     fm_wgmma_wait<1>(); /* S_n done, P V may still run */
     fm_fence_regs(s);
     c.release(c.bar_k_empty + 8 * c.stage);
-    if constexpr (MASKED) fm_mask(s, nb * FM_BN + c.col_lane, c.lim0, c.lim1);
+    if constexpr (MASKED) fm_mask(s, nb * FM_BN + c.col_lane, c.lim0, c.lim1());
     fm_softmax<MASKED>(s, m, l, scl, c.sl2);
     fm_wgmma_wait<0>(); /* P V done: pa and the V slot are free */
     fm_fence_regs(o);
@@ -427,6 +545,27 @@ static __device__ __forceinline__ void fm_step_overlap(fm_consumer &c, int nb,
     fm_convert_p(pa, s);
     pstage = c.stage;
     pphase = c.phase;
+    c.advance();
+}
+
+/* A key block the tile loads but none of this warpgroup's rows sees (above the diagonal for its
+ * rows, or every row past seqlen_q): no products, but the warpgroup still keeps its place in the
+ * ring and in the ping-pong order. It waits for the copies before releasing their slots: an
+ * empty barrier counts arrivals, and an arrival for a later use of the slot made before the
+ * other warpgroups released the current one would complete the wrong phase. Full landing means
+ * the producer has seen the previous use released. The turns are the ones a computed block
+ * takes: one with intra-warpgroup overlap (S and P V issue together), two without. */
+static __device__ __forceinline__ void fm_skip_block(fm_consumer &c) {
+    fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
+    c.turn_sync();
+    c.turn_pass();
+#if !FM_INTRA_OVERLAP
+    c.turn_sync();
+    c.turn_pass();
+#endif
+    c.release(c.bar_k_empty + 8 * c.stage);
+    fm_mbar_wait(c.bar_v_full + 8 * c.stage, c.phase);
+    c.release(c.bar_v_empty + 8 * c.stage);
     c.advance();
 }
 
@@ -448,7 +587,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
     const unsigned bar_v_full = bar_k_empty + 8 * FM_STAGES;
     const unsigned bar_v_empty = bar_v_full + 8 * FM_STAGES;
 
-    const int wg = (int)(threadIdx.x / 128);
+    /* broadcast from lane 0: the compiler must see the warpgroup index as warp-uniform, or the
+     * whole K/V loop leaves the uniform datapath (bench/NOTES.md, v3 analysis) */
+    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
     const int tid = (int)(threadIdx.x % 128);
     const int lane = tid % 32;
 
@@ -471,8 +612,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
     }
     __syncthreads();
 
-    const int tile_step = FM_PERSISTENT ? (int)gridDim.x : p.num_tiles;
-
     if (wg == 0) {
         /* ================================ producer ================================ */
 #if FM_CONSUMER_WGS > 1
@@ -480,14 +619,17 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
 #endif
         if (tid != 0) return;
         /* Q is read by one CTA once; each K/V block is read again by the other m-blocks of its
-         * head (running on neighbouring SMs at about the same time): keep K/V in L2 first. */
-        const unsigned long long pol_q = fm_l2_policy_evict_first();
-        const unsigned long long pol_kv = fm_l2_policy_evict_last();
+         * head (running on neighbouring SMs at about the same time): keep K/V in L2 first.
+         * The policies are created where they are used (one instruction each): two 64-bit
+         * values fewer live in the producer's 24 registers. */
         int stage = 0;
         unsigned phase = 0;
         unsigned q_iter = 0;
-        for (int t = (int)blockIdx.x; t < p.num_tiles; t += tile_step) {
-            const fm_tile tile = fm_decode_tile(t, p);
+        fm_tile_iter tiles;
+        for (fm_iter_init(tiles, p); fm_iter_more(tiles, p); fm_iter_advance(tiles, p)) {
+            int bh, mb;
+            if (!fm_iter_tile(tiles.v, p, bh, mb)) continue;
+            const fm_tile tile = fm_make_tile(bh, mb, p);
             if (tile.n_end <= 0) continue; /* consumers write zeros; nothing to load */
             const int hk = tile.h / p.head_group;
             for (int n = tile.n_end - 1; n >= 0; n--) {
@@ -498,18 +640,21 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
                 for (int c = 0; c < FM_DCHUNKS; c++)
                     fm_tma_load_4d_hint(sK + stage * FM_KV_BYTES + c * FM_BN * 128, &tmK,
                                         bar_k_full + 8 * stage, 64 * c, n * FM_BN, hk, tile.b,
-                                        pol_kv);
+                                        fm_l2_policy_evict_last());
                 if (n == tile.n_end - 1) {
                     /* Q after the first K block (K streams while the previous tile finishes its
-                     * S products); the first V waits until the previous tile's epilogue has
-                     * read its output back out of the V ring. */
+                     * S products); without a separate O buffer the first V waits until the
+                     * previous tile's epilogue has read its output back out of the V ring. */
                     fm_mbar_wait(bar_q_empty, (q_iter & 1) ^ 1);
                     fm_mbar_arrive_expect_tx(bar_q_full, FM_Q_BYTES);
 #pragma unroll
                     for (int c = 0; c < FM_DCHUNKS; c++)
                         fm_tma_load_4d_hint(sQ + c * FM_BM * 128, &tmQ, bar_q_full, 64 * c,
-                                            tile.mb * FM_BM, tile.h, tile.b, pol_q);
+                                            tile.mb * FM_BM, tile.h, tile.b,
+                                            fm_l2_policy_evict_first());
+#if !FM_O_SEPARATE
                     fm_mbar_wait(bar_o_empty, (q_iter & 1) ^ 1);
+#endif
                     q_iter++;
                 }
                 fm_mbar_wait(bar_v_empty + 8 * stage, phase ^ 1);
@@ -518,7 +663,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
                 for (int c = 0; c < FM_DCHUNKS; c++)
                     fm_tma_load_4d_hint(sV + stage * FM_KV_BYTES + c * FM_BN * 128, &tmV,
                                         bar_v_full + 8 * stage, 64 * c, n * FM_BN, hk, tile.b,
-                                        pol_kv);
+                                        fm_l2_policy_evict_last());
                 if (++stage == FM_STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -555,14 +700,18 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
         unsigned q_iter = 0;
         unsigned short *const og = (unsigned short *)p.o;
 
-        for (int t = (int)blockIdx.x; t < p.num_tiles; t += tile_step) {
-            const fm_tile tile = fm_decode_tile(t, p);
-            const int row_base = tile.mb * FM_BM + cw * 64; /* first query row of this WG */
-            const long long o_base = (long long)tile.b * p.o_stride_b +
-                                     (long long)tile.h * p.o_stride_h;
+        fm_tile_iter tiles;
+        for (fm_iter_init(tiles, p); fm_iter_more(tiles, p); fm_iter_advance(tiles, p)) {
+            int bh, mb;
+            if (!fm_iter_tile(tiles.v, p, bh, mb)) continue;
+            const fm_tile tile = fm_make_tile(bh, mb, p);
+            const int first_row = tile.mb * FM_BM + cw * 64; /* first query row of this WG */
 
             if (tile.n_end <= 0) {
-                /* No key visible to any row (causal with seqlen_k < seqlen_q): O = 0, lse = -inf. */
+                /* No key visible to any row (causal, seqlen_k < seqlen_q): O = 0, lse = -inf. */
+                const int row_base = first_row;
+                const long long o_base = (long long)tile.b * p.o_stride_b +
+                                         (long long)tile.h * p.o_stride_h;
                 const unsigned zero[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
                 for (int it = 0; it < 64 * FM_D / 8 / 128; it++) {
@@ -580,13 +729,10 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
                 continue;
             }
 
-            const int row0 = row_base + row_in_wg0;
 #if FM_CAUSAL
-            c.lim0 = min(p.seqlen_k, row0 + p.causal_offset + 1);
-            c.lim1 = min(p.seqlen_k, row0 + 8 + p.causal_offset + 1);
+            c.lim0 = first_row + row_in_wg0 + p.causal_offset + 1;
 #else
             c.lim0 = p.seqlen_k;
-            c.lim1 = p.seqlen_k;
 #endif
             float o[FM_D / 2];
 #pragma unroll
@@ -597,42 +743,64 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
             float s[FM_BN / 2];
             unsigned pa[FM_BN / 16][4];
 
+            /* This warpgroup's own key range (see fm_key_range): blocks wg_end..n_end-1 are
+             * loaded for the other warpgroups only. */
+            int wg_end, wg_mask_from;
+            fm_key_range(first_row, 64, p, wg_end, wg_mask_from);
+
+            /* Q before any arrival on q_empty (even with nothing to multiply): q_full of this
+             * tile means the producer saw the previous tile's q_empty complete. */
             fm_mbar_wait(bar_q_full, q_iter & 1);
             int n = tile.n_end - 1;
+#pragma unroll 1
+            for (; n >= wg_end; n--) fm_skip_block(c);
 #if FM_INTRA_OVERLAP
-            /* First block: S and softmax only. */
-            if (n >= tile.n_mask_from)
-                fm_s_and_softmax<true>(c, n, s, m, l, scl);
-            else
-                fm_s_and_softmax<false>(c, n, s, m, l, scl);
-            fm_convert_p(pa, s);
-            int pstage = c.stage;
-            unsigned pphase = c.phase;
-            c.advance();
-            n--;
+            if (n < 0) {
+                /* Nothing visible to these rows: O = 0, l = 0 (the epilogue writes 0 / -inf). */
+                fm_mbar_arrive(bar_q_empty);
+            } else {
+                /* First block: S and softmax only. */
+                if (n >= wg_mask_from)
+                    fm_s_and_softmax<true>(c, n, s, m, l, scl);
+                else
+                    fm_s_and_softmax<false>(c, n, s, m, l, scl);
+                fm_convert_p(pa, s);
+                int pstage = c.stage;
+                unsigned pphase = c.phase;
+                c.advance();
+                n--;
 #pragma unroll 1
-            for (; n >= 0 && n >= tile.n_mask_from; n--)
-                fm_step_overlap<true>(c, n, o, s, pa, m, l, scl, pstage, pphase);
+                for (; n >= 0 && n >= wg_mask_from; n--)
+                    fm_step_overlap<true>(c, n, o, s, pa, m, l, scl, pstage, pphase);
 #pragma unroll 1
-            for (; n >= 0; n--) fm_step_overlap<false>(c, n, o, s, pa, m, l, scl, pstage, pphase);
-            /* Every S product is done (the last step waited for all groups): Q may go. */
-            fm_mbar_arrive(bar_q_empty);
-            /* Last P V. */
-            fm_rescale(o, scl);
-            fm_mbar_wait(bar_v_full + 8 * pstage, pphase);
-            fm_gemm_pv(o, pa, c.vdesc(pstage));
-            fm_wgmma_wait<0>();
-            fm_fence_regs(o);
-            c.release(bar_v_empty + 8 * pstage);
+                for (; n >= 0; n--)
+                    fm_step_overlap<false>(c, n, o, s, pa, m, l, scl, pstage, pphase);
+                /* Every S product is done (the last step waited for all groups): Q may go. */
+                fm_mbar_arrive(bar_q_empty);
+                /* Last P V. */
+                fm_rescale(o, scl);
+                fm_mbar_wait(bar_v_full + 8 * pstage, pphase);
+                fm_gemm_pv(o, pa, c.vdesc(pstage));
+                fm_wgmma_wait<0>();
+                fm_fence_regs(o);
+                c.release(bar_v_empty + 8 * pstage);
+            }
 #else
 #pragma unroll 1
-            for (; n >= 0 && n >= tile.n_mask_from; n--)
+            for (; n >= 0 && n >= wg_mask_from; n--)
                 fm_step_serial<true>(c, n, o, s, pa, m, l, scl);
 #pragma unroll 1
             for (; n >= 0; n--) fm_step_serial<false>(c, n, o, s, pa, m, l, scl);
             fm_mbar_arrive(bar_q_empty);
 #endif
             /* ---- epilogue: normalise, stage through this WG's Q rows, 16-byte stores ---- */
+            /* Where the rows go, derived again from the tile index rather than kept live through
+             * the main loop (registers are scarcest there: 160 with three consumers). */
+            fm_iter_tile(fm_opaque(tiles.v), p, bh, mb);
+            const int row_base = mb * FM_BM + cw * 64;
+            const int row0 = row_base + row_in_wg0;
+            const int eb = bh / p.heads, eh = bh - eb * p.heads;
+            const long long o_base = (long long)eb * p.o_stride_b + (long long)eh * p.o_stride_h;
             float inv[2];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -641,7 +809,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
                 inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
             }
             if (p.lse && (lane & 3) == 0) {
-                float *lse = p.lse + ((long long)tile.b * p.heads + tile.h) * p.seqlen_q;
+                float *lse = p.lse + (long long)bh * p.seqlen_q; /* bh = b * heads + h */
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     const int row = row0 + 8 * h;
@@ -651,12 +819,20 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
                                        : fm_neg_inf();
                 }
             }
-            /* Stage through the V ring once every consumer's last P V has completed (the other
-             * warpgroups may lag by up to a step under ping-pong). Layout: D/64 chunks of
-             * [64 rows][128 bytes] with the 128-byte swizzle, so the 8 rows a warp writes per
-             * instruction hit 8 distinct 16-byte units: no bank conflicts. */
+            /* Staging layout: D/64 chunks of [64 rows][128 bytes] with the 128-byte swizzle, so
+             * the 8 rows a warp writes per instruction hit 8 distinct 16-byte units: no bank
+             * conflicts. */
+#if FM_O_SEPARATE
+            /* This warpgroup's own rows: only its warps' reads of the previous tile's output
+             * (rows other warps wrote) must be done before they are overwritten. */
+            fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+            const unsigned so = sQ + FM_OFF_O + (unsigned)(cw * 64 * FM_D * 2);
+#else
+            /* The V ring, once every consumer's last P V has completed (the other warpgroups may
+             * lag by up to a step under ping-pong). */
             fm_bar_sync(FM_BAR_CONSUMERS, 128 * FM_CONSUMER_WGS);
             const unsigned so = sV + (unsigned)(cw * 64 * FM_D * 2);
+#endif
 #pragma unroll
             for (int i = 0; i < FM_D / 8; i++) {
 #pragma unroll
@@ -683,10 +859,12 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
                     fm_st_global_v4(og + o_base + (long long)(row_base + r) * p.o_stride_s + cu * 8,
                                     v);
             }
+#if !FM_O_SEPARATE
             /* The next tile's V copies (async proxy) overwrite the staging area: order our
              * generic accesses before them, then release it. */
             fm_fence_proxy_async();
             fm_mbar_arrive(bar_o_empty);
+#endif
             q_iter++;
         }
     }

@@ -38,11 +38,7 @@ local F = {
   min_arch = 80,
   arch_suffix = "",
 
-  problem = {
-    { name = "dtype", values = { "bf16", "fp16" } },
-    { name = "head_dim", values = { 64, 128, 256 } },
-    { name = "causal", values = { 0, 1 } },
-  },
+  problem = require("attn_problem"),
 
   -- block_m: 64 or 128 query rows per CTA (more rows reuse each K/V tile more; fewer give more
   --   CTAs for short sequences and finer causal skipping).

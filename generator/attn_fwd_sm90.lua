@@ -90,11 +90,7 @@ return {
   min_arch = 90,
   arch_suffix = "a",
 
-  problem = {
-    { name = "dtype", values = { "bf16", "fp16" } },
-    { name = "head_dim", values = { 64, 128, 256 } },
-    { name = "causal", values = { 0, 1 } },
-  },
+  problem = require("attn_problem"),
 
   -- Simplest values first: the first kept configuration is the fallback default.
   axes = {

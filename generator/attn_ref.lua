@@ -14,11 +14,7 @@ return {
   arch_suffix = "",
   rows_per_cta = 32, -- grid.x = ceil(seqlen_q / rows_per_cta)
 
-  problem = {
-    { name = "dtype", values = { "bf16", "fp16" } },
-    { name = "head_dim", values = { 64, 128, 256 } },
-    { name = "causal", values = { 0, 1 } },
-  },
+  problem = require("attn_problem"),
   axes = {},
   constraints = {},
 

@@ -217,7 +217,7 @@ function space.c_default(op, names, problem, lim, emit)
   local fams = {}
   for _, n in ipairs(names) do
     local F = family(n)
-    if F.op == op and (not lim or F.min_arch <= lim.arch) then fams[#fams + 1] = F end
+    if F.name and F.op == op and (not lim or F.min_arch <= lim.arch) then fams[#fams + 1] = F end
   end
   table.sort(fams, function(a, b) return a.min_arch > b.min_arch end)
   -- The newest family the device supports wins, unless its constraints leave nothing for this
@@ -246,7 +246,8 @@ function space.c_families(op, names)
   local out = {}
   for _, n in ipairs(names) do
     local F = family(n)
-    if op == nil or F.op == op then out[#out + 1] = F.name end
+    -- shared data modules (attn_problem) sit beside the families: only tables with a name count
+    if F.name and (op == nil or F.op == op) then out[#out + 1] = F.name end
   end
   table.sort(out)
   return table.concat(out, ",")

@@ -158,6 +158,30 @@ def matmul_rate(dtype):
     return 2.0 * n ** 3 / (ms * 1e-3)
 
 
+def kernel_breakdown(fn, total_ms, calls=10):
+    """Device time per kernel over `calls` calls of fn (CUPTI, through torch.profiler): where a
+    layer's time goes (routing, alignment, each grouped GEMM, combine)."""
+    from torch.profiler import profile, ProfilerActivity
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(i)
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = getattr(e, "device_time", None)
+        if t is None:
+            t = e.cuda_time
+        n = per.setdefault(e.name, [0.0, 0])
+        n[0] += t / 1e3 / calls
+        n[1] += 1
+    for name, (ms, cnt) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+        print("    %-60s %8.3f ms/call (%4.1f%% of %.3f)  x%d"
+              % (name[:60], ms, 100.0 * ms / total_ms, total_ms, cnt // calls))
+
+
 def rel_err(out, ref):
     d = (out.float() - ref.float()).norm()
     r = ref.float().norm()
@@ -172,6 +196,8 @@ def main():
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--no-naive", action="store_true", help="skip the per-expert loop")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print flashmoe's time per kernel (torch.profiler, 10 calls)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     E, K, H, I = PRESETS[args.preset]
@@ -224,6 +250,8 @@ def main():
         else:
             t_nv, n_nv = time_ms(lambda i: naive_moe(xs[i % NROT], ls[i % NROT], w13, w2, K),
                                  budget_ms=1000, min_runs=3, max_runs=30)
+        if args.profile:
+            kernel_breakdown(lambda i: layer(xs[i % NROT], ls[i % NROT], w13, w2, out_fm), t_fm)
         row = dict(preset=args.preset, dtype=args.dtype, T=T, E=E, K=K, H=H, I=I,
                    experts_hit=round(hit, 1), flashmoe_ms=t_fm, grouped_mm_ms=t_gm, naive_ms=t_nv,
                    floor_weights_ms=floor_w, floor_compute_ms=floor_c, floor_ms=floor,

@@ -53,7 +53,7 @@ for stage in "$@"; do
       done
       grep -E "^best|^fmtune: measured" "$OUT/moetune.log" ;;
     moe)
-      python3 bench/bench_moe.py --lib "$B/libflashmoe.so" --out "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -n 30 ;;
+      python3 bench/bench_moe.py --lib "$B/libflashmoe.so" --out "$OUT" ${MOE_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_moe.log" | tail -n 30 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

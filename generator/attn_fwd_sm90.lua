@@ -10,40 +10,67 @@
 local SMEM_DEFAULT = 232448 -- H100/H200 opt-in maximum per block (227 KB), when no device given
 local REGS_PER_SM = 65536
 
--- Tile table: the (block_m, block_n, stages) each head dim is tuned over. Every consumer
--- warpgroup holds O (D/2 floats), S (block_n/2 floats) and, with intra-warpgroup overlap, P
--- (block_n/4 words) at once; shared memory holds Q (block_m x D) plus `stages` K and V blocks.
+-- Tile table: the (block_m, block_n, stages, CTAs per SM) each head dim is tuned over. Every
+-- consumer warpgroup holds O (D/2 floats), S (block_n/2 floats) and, with intra-warpgroup overlap,
+-- P (block_n/4 words) at once; shared memory holds Q (block_m x D) plus `stages` K and V blocks.
 --  d64:  per-block work is short next to copy latency, so three stages (the small K/V blocks
 --        leave room). 192x128 with three consumers is FA3's shape; 128x192 trades rows for a
---        longer softmax; 64x128 is the one-consumer variant for short query lengths.
+--        longer softmax; 128x128 halves the causal diagonal's waste of 192 rows; 64x128 is the
+--        one-consumer variant for short query lengths.
 --  d128: 128x128 (160 KB) and 128x176 (208 KB, the most keys per block that fits two stages
 --        beside Q; better for long non-causal rows); 64x128 for short query lengths.
 --  d256: O alone takes 128 registers; 128x80 (224 KB) is the largest block_n that fits two
 --        stages, 128x64 (192 KB) its lighter sibling; 64x64 with one consumer (block_n 80
 --        already spills there, see consumer_regs).
+--  Two CTAs per SM (one consumer each, 64-row tiles small enough that two fit in shared memory):
+--        for short sequences, where a tile is mostly prologue (Q and first K copies), a short
+--        dependent chain of products and softmax, and epilogue, one CTA leaves the tensor cores
+--        idle between tiles; a second resident CTA fills those gaps (bench/NOTES.md, v4).
 local TILES = {
-  [64] = { { 192, 128, 3 }, { 128, 192, 3 }, { 64, 128, 3 } },
-  [128] = { { 128, 128, 2 }, { 128, 176, 2 }, { 64, 128, 2 } },
-  [256] = { { 128, 80, 2 }, { 128, 64, 2 }, { 64, 64, 2 } },
+  [64] = { { 192, 128, 3, 1 }, { 128, 192, 3, 1 }, { 128, 128, 3, 1 }, { 64, 128, 3, 1 },
+           { 64, 128, 2, 2 }, { 64, 64, 3, 2 } },
+  [128] = { { 128, 128, 2, 1 }, { 128, 176, 2, 1 }, { 64, 128, 2, 1 }, { 64, 64, 2, 2 },
+            { 64, 80, 2, 2 } },
+  [256] = { { 128, 80, 2, 1 }, { 128, 64, 2, 1 }, { 64, 64, 2, 1 } },
 }
 
 local function in_table(c)
   for _, t in ipairs(TILES[c.head_dim] or {}) do
-    if t[1] == c.block_m and t[2] == c.block_n and t[3] == c.stages then return true end
+    if t[1] == c.block_m and t[2] == c.block_n and t[3] == c.stages and t[4] == c.ctas_per_sm then
+      return true
+    end
   end
   return false
 end
 
 local function threads(c) return 128 * (1 + c.consumer_wgs) end
 
+-- Shared memory an SM has for its resident CTAs (228 KB on H100/H200), and what the hardware
+-- reserves per CTA besides the dynamic allocation.
+local SMEM_PER_SM = 233472
+local SMEM_RESERVED_PER_CTA = 1024
+
+-- The per-CTA limit this configuration must stay under: the opt-in maximum for one CTA per SM,
+-- an equal share of the SM for more.
+local function smem_limit(c, lim)
+  local one = lim.smem_per_block or SMEM_DEFAULT
+  if c.ctas_per_sm == 1 then return one end
+  return math.min(one, SMEM_PER_SM // c.ctas_per_sm - SMEM_RESERVED_PER_CTA)
+end
+
+-- Is there a register split (setmaxnreg)? With several consumers, or with one consumer and two
+-- CTAs per SM: the entry cap is then 65536 / 2 / 256 = 128, too few for a consumer's O and S.
+local function split(c) return c.consumer_wgs > 1 or c.ctas_per_sm > 1 end
+
 -- Registers per consumer thread under setmaxnreg: what the producer gives up, shared among the
 -- consumer warpgroups, in multiples of 8, at most 240 (2 consumers: 128 * (24 + 2 * 240) =
--- 64512). With one consumer there is no split: the entry cap 65536 / 256 is already 255, but
--- ptxas spends uncapped registers freely (d256 with block_n 80 or 96 spills at 255 with
--- intra-warpgroup overlap), so the budget counted for it is 216.
+-- 64512). With one consumer and one CTA per SM there is no split: the entry cap 65536 / 256 is
+-- already 255, but ptxas spends uncapped registers freely (d256 with block_n 80 or 96 spills at
+-- 255 with intra-warpgroup overlap), so the budget counted for it is 216. With two CTAs per SM
+-- each CTA has half the file: 128 * (24 + 232) = 32768.
 local function consumer_regs(c)
-  if c.consumer_wgs == 1 then return 216 end
-  local r = (REGS_PER_SM // 128 - c.producer_regs) // c.consumer_wgs
+  if not split(c) then return 216 end
+  local r = (REGS_PER_SM // c.ctas_per_sm // 128 - c.producer_regs) // c.consumer_wgs
   r = r - r % 8
   if r > 240 then r = 240 end
   return r
@@ -75,7 +102,7 @@ end
 -- 64x128, d256 64x64; not d128 128x176 or d256 with two consumers. Decided on the fixed limit,
 -- not the device's, so that a configuration name always means the same kernel.
 local function o_separate(c)
-  return smem_base(c) + c.block_m * c.head_dim * 2 <= SMEM_DEFAULT
+  return smem_base(c) + c.block_m * c.head_dim * 2 <= smem_limit(c, {})
 end
 
 local function smem_bytes(c)
@@ -101,6 +128,9 @@ return {
     { name = "pingpong", values = { 0, 1 } },
     { name = "intra_overlap", values = { 0, 1 } },
     { name = "persistent", values = { 0, 1 } },
+    -- Resident CTAs per SM the kernel is built for (launch bounds, register split, persistent
+    -- grid size).
+    { name = "ctas_per_sm", values = { 1, 2 } },
     -- Producer registers under setmaxnreg (the consumers get the rest). 24 is the floor of
     -- setmaxnreg and enough for one thread issuing copies; 40 would leave room for a
     -- multi-thread producer.
@@ -124,10 +154,10 @@ return {
       reason = function(c)
         local t = {}
         for _, e in ipairs(TILES[c.head_dim] or {}) do
-          t[#t + 1] = string.format("%dx%d/s%d", e[1], e[2], e[3])
+          t[#t + 1] = string.format("%dx%d/s%d/x%d", e[1], e[2], e[3], e[4])
         end
-        return string.format("block %dx%d with %d stages is not in the sm90 tile table for d=%d (%s)",
-          c.block_m, c.block_n, c.stages, c.head_dim, table.concat(t, ", "))
+        return string.format("block %dx%d with %d stages and %d CTA(s) per SM is not in the sm90 tile table for d=%d (%s)",
+          c.block_m, c.block_n, c.stages, c.ctas_per_sm, c.head_dim, table.concat(t, ", "))
       end,
       check = in_table,
     },
@@ -147,8 +177,8 @@ return {
       check = function(c) return c.intra_overlap == 1 or c.consumer_wgs == 1 end,
     },
     {
-      reason = "with one consumer warpgroup there is no register split (entry cap 255 already); producer_regs must be 24",
-      check = function(c) return c.consumer_wgs > 1 or c.producer_regs == 24 end,
+      reason = "two CTAs per SM only with one consumer warpgroup (more would not fit the register file twice)",
+      check = function(c) return c.ctas_per_sm == 1 or c.consumer_wgs == 1 end,
     },
     {
       reason = function(c)
@@ -160,21 +190,23 @@ return {
     },
     {
       reason = function(c, lim)
-        return string.format("shared memory %d bytes exceeds the per-block limit %d", smem_bytes(c),
-          lim.smem_per_block or SMEM_DEFAULT)
+        return string.format("shared memory %d bytes exceeds the per-block limit %d (%d CTA(s) per SM)",
+          smem_bytes(c), smem_limit(c, lim), c.ctas_per_sm)
       end,
-      check = function(c, lim) return smem_bytes(c) <= (lim.smem_per_block or SMEM_DEFAULT) end,
+      check = function(c, lim) return smem_bytes(c) <= smem_limit(c, lim) end,
     },
   },
 
   name_of = function(c)
-    return string.format("attn_fwd_sm90_%s_d%d_c%d_m%d_n%d_s%d_wg%d_pp%d_io%d_p%d_r%d",
+    -- The CTAs-per-SM suffix only where it is not 1: names in existing databases stay valid.
+    return string.format("attn_fwd_sm90_%s_d%d_c%d_m%d_n%d_s%d_wg%d_pp%d_io%d_p%d_r%d%s",
       c.dtype, c.head_dim, c.causal, c.block_m, c.block_n, c.stages, c.consumer_wgs, c.pingpong,
-      c.intra_overlap, c.persistent, c.producer_regs)
+      c.intra_overlap, c.persistent, c.producer_regs,
+      c.ctas_per_sm == 1 and "" or string.format("_x%d", c.ctas_per_sm))
   end,
 
   defines = function(c)
-    local split = c.consumer_wgs > 1
+    local sp = split(c)
     return {
       FM_DTYPE_BF16 = c.dtype == "bf16" and 1 or 0,
       FM_HEAD_DIM = c.head_dim,
@@ -187,8 +219,9 @@ return {
       FM_INTRA_OVERLAP = c.intra_overlap,
       FM_PERSISTENT = c.persistent,
       FM_O_SEPARATE = o_separate(c) and 1 or 0,
-      FM_PRODUCER_REGS = split and c.producer_regs or 0,
-      FM_CONSUMER_REGS = split and consumer_regs(c) or 0,
+      FM_CTAS_PER_SM = c.ctas_per_sm,
+      FM_PRODUCER_REGS = sp and c.producer_regs or 0,
+      FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,
     }
   end,
 
@@ -203,7 +236,7 @@ return {
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
     local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
-      producer_regs = 24 }
+      producer_regs = 24, ctas_per_sm = 1 }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then

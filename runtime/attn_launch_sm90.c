@@ -41,6 +41,7 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
     const long long bm = fm_config_int(&k->cfg, "block_m", 0);
     const long long bn = fm_config_int(&k->cfg, "block_n", 0);
     const long long persistent = fm_config_int(&k->cfg, "persistent", 0);
+    const long long ctas_per_sm = fm_config_int(&k->cfg, "ctas_per_sm", 1);
     if (bm < 64 || bm > 256 || bm % 64 != 0 || bn < 16 || bn > 256 || bn % 16 != 0)
         return fm_set_error(ctx, FM_ERR_INTERNAL, "%s: block_m %lld / block_n %lld out of range",
                             k->name, bm, bn);
@@ -71,10 +72,14 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
                         a->kv_heads, a->batch, a->v_stride, (int)bn)) != FM_OK)
         return s;
 
-    /* Persistent: one CTA per SM (the kernel needs all of an SM's shared memory anyway), each
-     * striding over the tiles; otherwise one CTA per tile. */
+    /* Persistent: as many CTAs as can be resident (ctas_per_sm per SM: the configuration is
+     * built for that occupancy), each striding over the tiles; otherwise one CTA per tile. */
     long long grid = tiles;
-    if (persistent && ctx->sm_count > 0 && grid > ctx->sm_count) grid = ctx->sm_count;
+    if (ctas_per_sm < 1 || ctas_per_sm > 2)
+        return fm_set_error(ctx, FM_ERR_INTERNAL, "%s: ctas_per_sm %lld out of range", k->name,
+                            ctas_per_sm);
+    if (persistent && ctx->sm_count > 0 && grid > ctx->sm_count * ctas_per_sm)
+        grid = ctx->sm_count * ctas_per_sm;
 
     CUresult r = ctx->drv->cuFuncSetAttribute(k->fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                               k->smem_bytes);

@@ -81,19 +81,27 @@
 #ifndef FM_O_SEPARATE
 #define FM_O_SEPARATE 0 /* the generator sets it where the buffer fits in shared memory */
 #endif
+#ifndef FM_CTAS_PER_SM
+#define FM_CTAS_PER_SM 1 /* resident CTAs per SM the kernel is built for (launch bounds) */
+#endif
 /* Register split under setmaxnreg: the producer needs few (one thread issues copies), the
  * consumers hold O (D/2 floats), S (BLOCK_N/2 floats) and P (BLOCK_N/4 words) per thread. With
- * one consumer warpgroup the entry cap (65536 / 256 = 255) is already the maximum: no split. */
+ * one consumer warpgroup and one CTA per SM the entry cap (65536 / 256 = 255) is already the
+ * maximum: no split. With two CTAs per SM the entry cap is 128 and the one consumer takes what
+ * the producer gives up (24 + 232 = 2 * 128). */
+#define FM_SPLIT (FM_CONSUMER_WGS > 1 || FM_CTAS_PER_SM > 1)
 #ifndef FM_PRODUCER_REGS
-#if FM_CONSUMER_WGS == 1
-#define FM_PRODUCER_REGS 0
-#else
+#if FM_SPLIT
 #define FM_PRODUCER_REGS 24
+#else
+#define FM_PRODUCER_REGS 0
 #endif
 #endif
 #ifndef FM_CONSUMER_REGS
-#if FM_CONSUMER_WGS == 1
+#if !FM_SPLIT
 #define FM_CONSUMER_REGS 0
+#elif FM_CONSUMER_WGS == 1
+#define FM_CONSUMER_REGS 232 /* two CTAs per SM: 2 * 128 * (24 + 232) = 65536 */
 #elif FM_CONSUMER_WGS == 2
 #define FM_CONSUMER_REGS 240 /* 128 * (24 + 2 * 240) = 64512 <= 65536 */
 #else
@@ -134,13 +142,19 @@
 #if FM_O_SEPARATE != 0 && FM_O_SEPARATE != 1
 #error "FM_O_SEPARATE must be 0 or 1"
 #endif
-#if FM_CONSUMER_WGS > 1
+#if FM_CTAS_PER_SM != 1 && FM_CTAS_PER_SM != 2
+#error "FM_CTAS_PER_SM must be 1 or 2"
+#endif
+#if FM_CTAS_PER_SM > 1 && FM_CONSUMER_WGS > 1
+#error "two CTAs per SM only with one consumer warpgroup"
+#endif
+#if FM_SPLIT
 #if FM_PRODUCER_REGS < 24 || FM_PRODUCER_REGS % 8 != 0 || FM_CONSUMER_REGS > 256 || \
     FM_CONSUMER_REGS % 8 != 0
 #error "setmaxnreg counts must be multiples of 8 in 24..256"
 #endif
-#if 128 * (FM_PRODUCER_REGS + FM_CONSUMER_WGS * FM_CONSUMER_REGS) > 65536
-#error "register split exceeds the 64K registers of an SM"
+#if 128 * (FM_PRODUCER_REGS + FM_CONSUMER_WGS * FM_CONSUMER_REGS) > 65536 / FM_CTAS_PER_SM
+#error "register split exceeds the CTA's share of the 64K registers of an SM"
 #endif
 #endif
 
@@ -570,7 +584,7 @@ static __device__ __forceinline__ void fm_skip_block(fm_consumer &c) {
 }
 
 /* ---- the kernel ----------------------------------------------------------------------------- */
-extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
     fm_attn_fwd_sm90(const __grid_constant__ fm_tma_desc tmQ,
                      const __grid_constant__ fm_tma_desc tmK,
                      const __grid_constant__ fm_tma_desc tmV, const fm_attn_kernel_params p) {
@@ -614,7 +628,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
 
     if (wg == 0) {
         /* ================================ producer ================================ */
-#if FM_CONSUMER_WGS > 1
+#if FM_SPLIT
         fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
 #endif
         if (tid != 0) return;
@@ -672,7 +686,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, 1)
         }
     } else {
         /* ================================ consumers =============================== */
-#if FM_CONSUMER_WGS > 1
+#if FM_SPLIT
         fm_setmaxnreg_inc<FM_CONSUMER_REGS>();
 #endif
         const int cw = wg - 1;   /* consumer index: rows 64cw..64cw+63 of the tile */

@@ -26,11 +26,13 @@ local REGS_PER_SM = 65536
 --        for short sequences, where a tile is mostly prologue (Q and first K copies), a short
 --        dependent chain of products and softmax, and epilogue, one CTA leaves the tensor cores
 --        idle between tiles; a second resident CTA fills those gaps (bench/NOTES.md, v4).
+--        Measured on H200 over the whole grid: the d64 pair won causal S = 512; at d128 the
+--        two-CTA tiles (64x64 and 64x80) were never within 5% of the two-consumer 128x128, so
+--        they are not in the table.
 local TILES = {
   [64] = { { 192, 128, 3, 1 }, { 128, 192, 3, 1 }, { 128, 128, 3, 1 }, { 64, 128, 3, 1 },
            { 64, 128, 2, 2 }, { 64, 64, 3, 2 } },
-  [128] = { { 128, 128, 2, 1 }, { 128, 176, 2, 1 }, { 64, 128, 2, 1 }, { 64, 64, 2, 2 },
-            { 64, 80, 2, 2 } },
+  [128] = { { 128, 128, 2, 1 }, { 128, 176, 2, 1 }, { 64, 128, 2, 1 } },
   [256] = { { 128, 80, 2, 1 }, { 128, 64, 2, 1 }, { 64, 64, 2, 1 } },
 }
 
@@ -86,12 +88,12 @@ local function consumer_need(c)
   return n
 end
 
--- Q + K and V rings + mbarriers (q_full, q_empty, o_empty, 4 per stage) + 1024 bytes of slack
--- to align the base to the 1024-byte swizzle atom (see the template).
+-- Q slots + K and V rings + mbarriers (q_full and q_empty per Q slot, o_empty, 4 per stage) +
+-- 1024 bytes of slack to align the base to the 1024-byte swizzle atom (see the template).
 local function smem_base(c)
   local q = c.block_m * c.head_dim * 2
   local kv = c.block_n * c.head_dim * 2
-  return q + 2 * c.stages * kv + 8 * (3 + 4 * c.stages) + 1024
+  return c.q_stages * q + 2 * c.stages * kv + 8 * (2 * c.q_stages + 1 + 4 * c.stages) + 1024
 end
 
 -- The epilogue stages O in a buffer of its own (FM_O_SEPARATE) wherever that still fits the
@@ -128,6 +130,9 @@ return {
     { name = "pingpong", values = { 0, 1 } },
     { name = "intra_overlap", values = { 0, 1 } },
     { name = "persistent", values = { 0, 1 } },
+    -- Q buffers. Two let a persistent CTA copy the next tile's Q while the current one runs
+    -- (with one, that copy waits for the current tile's last S product).
+    { name = "q_stages", values = { 1, 2 } },
     -- Resident CTAs per SM the kernel is built for (launch bounds, register split, persistent
     -- grid size).
     { name = "ctas_per_sm", values = { 1, 2 } },
@@ -177,6 +182,14 @@ return {
       check = function(c) return c.intra_overlap == 1 or c.consumer_wgs == 1 end,
     },
     {
+      reason = "q_stages 2 only with a persistent grid (one tile per CTA has nothing to prefetch)",
+      check = function(c) return c.q_stages == 1 or c.persistent == 1 end,
+    },
+    {
+      reason = "two CTAs per SM only with intra-warpgroup overlap (the serial variant measured behind it at every point on H200)",
+      check = function(c) return c.ctas_per_sm == 1 or c.intra_overlap == 1 end,
+    },
+    {
       reason = "two CTAs per SM only with one consumer warpgroup (more would not fit the register file twice)",
       check = function(c) return c.ctas_per_sm == 1 or c.consumer_wgs == 1 end,
     },
@@ -203,6 +216,7 @@ return {
       c.dtype, c.head_dim, c.causal, c.block_m, c.block_n, c.stages, c.consumer_wgs, c.pingpong,
       c.intra_overlap, c.persistent, c.producer_regs,
       c.ctas_per_sm == 1 and "" or string.format("_x%d", c.ctas_per_sm))
+      .. (c.q_stages == 1 and "" or string.format("_q%d", c.q_stages))
   end,
 
   defines = function(c)
@@ -220,6 +234,7 @@ return {
       FM_PERSISTENT = c.persistent,
       FM_O_SEPARATE = o_separate(c) and 1 or 0,
       FM_CTAS_PER_SM = c.ctas_per_sm,
+      FM_Q_STAGES = c.q_stages,
       FM_PRODUCER_REGS = sp and c.producer_regs or 0,
       FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,
     }
@@ -236,7 +251,7 @@ return {
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
     local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
-      producer_regs = 24, ctas_per_sm = 1 }
+      producer_regs = 24, ctas_per_sm = 1, q_stages = 1 }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then

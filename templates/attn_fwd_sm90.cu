@@ -27,7 +27,9 @@
  *  - Persistent causal CTAs run pairs of m-blocks (long + short) so that the static schedule is
  *    balanced (fm_tile_iter).
  *  - A consumer releases Q as soon as its last S product is done, so that a persistent CTA
- *    loads the next tile's Q during the last P V and the epilogue. The output is normalised in
+ *    loads the next tile's Q during the last P V and the epilogue. With FM_Q_STAGES = 2 the
+ *    next tile's Q has a slot of its own and is copied as soon as the producer is done with the
+ *    current tile, so the consumers find it in place when they start the tile. The output is normalised in
  *    registers, staged through shared memory and written with 16-byte stores. FM_O_SEPARATE:
  *    the staging area is a buffer of its own, each consumer's 64 rows private to it, so the
  *    warpgroups finish their tiles independently and the next tile's K and V stream in during
@@ -37,12 +39,13 @@
  *    P V waits for a V copy issued only after the epilogue.
  *
  * Shared memory, from a 1024-byte aligned base (128-byte swizzle atoms must be 1024-aligned):
- *   Q  [D/64][BLOCK_M][64]            (each [rows][64] chunk written by one TMA box)
+ *   Q  [Q_STAGES][D/64][BLOCK_M][64]  (each [rows][64] chunk written by one TMA box)
  *   K  [STAGES][D/64][BLOCK_N][64]
  *   V  [STAGES][D/64][BLOCK_N][64]
  *   O  [BLOCK_M][D] staging, FM_O_SEPARATE only (else it aliases V); consumer c's rows at
  *      O + c * 64 * D * 2, as D/64 chunks [64][64]
- *   mbarriers: q_full, q_empty, o_empty, k_full[S], k_empty[S], v_full[S], v_empty[S]
+ *   mbarriers: q_full[Q_STAGES], q_empty[Q_STAGES], o_empty, k_full[S], k_empty[S], v_full[S],
+ *              v_empty[S]
  * The generator's smem_bytes adds 1024 bytes of slack for the alignment (dynamic shared memory
  * is only guaranteed 16-byte alignment).
  */
@@ -80,6 +83,9 @@
 #endif
 #ifndef FM_O_SEPARATE
 #define FM_O_SEPARATE 0 /* the generator sets it where the buffer fits in shared memory */
+#endif
+#ifndef FM_Q_STAGES
+#define FM_Q_STAGES 1 /* Q buffers: 2 lets a persistent CTA load the next tile's Q early */
 #endif
 #ifndef FM_CTAS_PER_SM
 #define FM_CTAS_PER_SM 1 /* resident CTAs per SM the kernel is built for (launch bounds) */
@@ -142,6 +148,9 @@
 #if FM_O_SEPARATE != 0 && FM_O_SEPARATE != 1
 #error "FM_O_SEPARATE must be 0 or 1"
 #endif
+#if FM_Q_STAGES != 1 && FM_Q_STAGES != 2
+#error "FM_Q_STAGES must be 1 or 2"
+#endif
 #if FM_CTAS_PER_SM != 1 && FM_CTAS_PER_SM != 2
 #error "FM_CTAS_PER_SM must be 1 or 2"
 #endif
@@ -165,12 +174,12 @@
 #define FM_DCHUNKS (FM_D / 64)              /* 128-byte (64-element) column chunks */
 #define FM_Q_BYTES (FM_BM * FM_D * 2)
 #define FM_KV_BYTES (FM_BN * FM_D * 2)      /* one stage of K (or of V) */
-#define FM_OFF_K FM_Q_BYTES
+#define FM_OFF_K (FM_Q_STAGES * FM_Q_BYTES)
 #define FM_OFF_V (FM_OFF_K + FM_STAGES * FM_KV_BYTES)
 #define FM_OFF_O (FM_OFF_V + FM_STAGES * FM_KV_BYTES)
 #define FM_O_BYTES (FM_O_SEPARATE ? FM_BM * FM_D * 2 : 0)
 #define FM_OFF_BAR (FM_OFF_O + FM_O_BYTES)
-#define FM_NUM_BARS (3 + 4 * FM_STAGES)
+#define FM_NUM_BARS (2 * FM_Q_STAGES + 1 + 4 * FM_STAGES)
 #if !FM_O_SEPARATE && FM_STAGES * FM_BN < FM_BM
 #error "the V ring (STAGES * BLOCK_N rows) must hold the BLOCK_M output rows staged in the epilogue"
 #endif
@@ -583,6 +592,20 @@ static __device__ __forceinline__ void fm_skip_block(fm_consumer &c) {
     c.advance();
 }
 
+/* The producer's copy of tile `q_iter`'s Q into slot q_iter % FM_Q_STAGES, once the consumers
+ * have released that slot's previous use. */
+static __device__ __forceinline__ void fm_load_q(unsigned q_iter, const fm_tile &tile,
+                                                 const fm_tma_desc *tmQ, unsigned sQ,
+                                                 unsigned bar_q_full, unsigned bar_q_empty) {
+    const unsigned slot = q_iter % FM_Q_STAGES;
+    fm_mbar_wait(bar_q_empty + 8 * slot, ((q_iter / FM_Q_STAGES) & 1) ^ 1);
+    fm_mbar_arrive_expect_tx(bar_q_full + 8 * slot, FM_Q_BYTES);
+#pragma unroll
+    for (int c = 0; c < FM_DCHUNKS; c++)
+        fm_tma_load_4d_hint(sQ + slot * FM_Q_BYTES + c * FM_BM * 128, tmQ, bar_q_full + 8 * slot,
+                            64 * c, tile.mb * FM_BM, tile.h, tile.b, fm_l2_policy_evict_first());
+}
+
 /* ---- the kernel ----------------------------------------------------------------------------- */
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
     fm_attn_fwd_sm90(const __grid_constant__ fm_tma_desc tmQ,
@@ -593,10 +616,10 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
     const unsigned sQ = (raw + 1023u) & ~1023u;
     const unsigned sK = sQ + FM_OFF_K;
     const unsigned sV = sQ + FM_OFF_V;
-    const unsigned bar_q_full = sQ + FM_OFF_BAR;
-    const unsigned bar_q_empty = bar_q_full + 8;
-    const unsigned bar_o_empty = bar_q_full + 16;
-    const unsigned bar_k_full = bar_q_full + 24; /* + 8 * stage */
+    const unsigned bar_q_full = sQ + FM_OFF_BAR;               /* + 8 * Q slot */
+    const unsigned bar_q_empty = bar_q_full + 8 * FM_Q_STAGES; /* + 8 * Q slot */
+    const unsigned bar_o_empty = bar_q_empty + 8 * FM_Q_STAGES;
+    const unsigned bar_k_full = bar_o_empty + 8; /* + 8 * stage */
     const unsigned bar_k_empty = bar_k_full + 8 * FM_STAGES;
     const unsigned bar_v_full = bar_k_empty + 8 * FM_STAGES;
     const unsigned bar_v_empty = bar_v_full + 8 * FM_STAGES;
@@ -611,10 +634,12 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
         fm_tma_prefetch_desc(&tmQ);
         fm_tma_prefetch_desc(&tmK);
         fm_tma_prefetch_desc(&tmV);
-        fm_mbar_init(bar_q_full, 1);
         /* Every consumer thread arrives: on q_empty after its last S product of a tile, on
          * o_empty after its epilogue has read the output back out of the V ring. */
-        fm_mbar_init(bar_q_empty, 128 * FM_CONSUMER_WGS);
+        for (int q = 0; q < FM_Q_STAGES; q++) {
+            fm_mbar_init(bar_q_full + 8 * q, 1);
+            fm_mbar_init(bar_q_empty + 8 * q, 128 * FM_CONSUMER_WGS);
+        }
         fm_mbar_init(bar_o_empty, 128 * FM_CONSUMER_WGS);
         for (int s = 0; s < FM_STAGES; s++) {
             fm_mbar_init(bar_k_full + 8 * s, 1);
@@ -646,6 +671,12 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             const fm_tile tile = fm_make_tile(bh, mb, p);
             if (tile.n_end <= 0) continue; /* consumers write zeros; nothing to load */
             const int hk = tile.h / p.head_group;
+#if FM_Q_STAGES > 1
+            /* Two Q slots: this tile's Q goes first, as soon as the previous tile's copies are
+             * issued (STAGES blocks before its consumers need it); the slot was released by the
+             * tile before the previous one. */
+            fm_load_q(q_iter, tile, &tmQ, sQ, bar_q_full, bar_q_empty);
+#endif
             for (int n = tile.n_end - 1; n >= 0; n--) {
                 /* K first: S needs it before V is needed. */
                 fm_mbar_wait(bar_k_empty + 8 * stage, phase ^ 1);
@@ -656,16 +687,13 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                                         bar_k_full + 8 * stage, 64 * c, n * FM_BN, hk, tile.b,
                                         fm_l2_policy_evict_last());
                 if (n == tile.n_end - 1) {
-                    /* Q after the first K block (K streams while the previous tile finishes its
-                     * S products); without a separate O buffer the first V waits until the
-                     * previous tile's epilogue has read its output back out of the V ring. */
-                    fm_mbar_wait(bar_q_empty, (q_iter & 1) ^ 1);
-                    fm_mbar_arrive_expect_tx(bar_q_full, FM_Q_BYTES);
-#pragma unroll
-                    for (int c = 0; c < FM_DCHUNKS; c++)
-                        fm_tma_load_4d_hint(sQ + c * FM_BM * 128, &tmQ, bar_q_full, 64 * c,
-                                            tile.mb * FM_BM, tile.h, tile.b,
-                                            fm_l2_policy_evict_first());
+                    /* One Q slot: Q after the first K block (K streams while the previous tile
+                     * finishes its S products); without a separate O buffer the first V waits
+                     * until the previous tile's epilogue has read its output back out of the V
+                     * ring. */
+#if FM_Q_STAGES == 1
+                    fm_load_q(q_iter, tile, &tmQ, sQ, bar_q_full, bar_q_empty);
+#endif
 #if !FM_O_SEPARATE
                     fm_mbar_wait(bar_o_empty, (q_iter & 1) ^ 1);
 #endif
@@ -693,7 +721,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
         const int wq = tid / 32; /* warp in the warpgroup: rows 16wq..16wq+15 */
         const int row_in_wg0 = 16 * wq + lane / 4;
         fm_consumer c;
-        c.qdesc = fm_wgmma_desc_sw128(sQ + (unsigned)(cw * 64 * 128), 16, 1024);
+        const unsigned long long qdesc0 = fm_wgmma_desc_sw128(sQ + (unsigned)(cw * 64 * 128), 16, 1024);
         c.sK = sK;
         c.sV = sV;
         c.bar_k_full = bar_k_full;
@@ -764,14 +792,16 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
 
             /* Q before any arrival on q_empty (even with nothing to multiply): q_full of this
              * tile means the producer saw the previous tile's q_empty complete. */
-            fm_mbar_wait(bar_q_full, q_iter & 1);
+            const unsigned qslot = q_iter % FM_Q_STAGES;
+            c.qdesc = qdesc0 + (unsigned long long)(qslot * (FM_Q_BYTES >> 4));
+            fm_mbar_wait(bar_q_full + 8 * qslot, (q_iter / FM_Q_STAGES) & 1);
             int n = tile.n_end - 1;
 #pragma unroll 1
             for (; n >= wg_end; n--) fm_skip_block(c);
 #if FM_INTRA_OVERLAP
             if (n < 0) {
                 /* Nothing visible to these rows: O = 0, l = 0 (the epilogue writes 0 / -inf). */
-                fm_mbar_arrive(bar_q_empty);
+                fm_mbar_arrive(bar_q_empty + 8 * qslot);
             } else {
                 /* First block: S and softmax only. */
                 if (n >= wg_mask_from)
@@ -790,7 +820,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                 for (; n >= 0; n--)
                     fm_step_overlap<false>(c, n, o, s, pa, m, l, scl, pstage, pphase);
                 /* Every S product is done (the last step waited for all groups): Q may go. */
-                fm_mbar_arrive(bar_q_empty);
+                fm_mbar_arrive(bar_q_empty + 8 * qslot);
                 /* Last P V. */
                 fm_rescale(o, scl);
                 fm_mbar_wait(bar_v_full + 8 * pstage, pphase);
@@ -805,7 +835,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                 fm_step_serial<true>(c, n, o, s, pa, m, l, scl);
 #pragma unroll 1
             for (; n >= 0; n--) fm_step_serial<false>(c, n, o, s, pa, m, l, scl);
-            fm_mbar_arrive(bar_q_empty);
+            fm_mbar_arrive(bar_q_empty + 8 * qslot);
 #endif
             /* ---- epilogue: normalise, stage through this WG's Q rows, 16-byte stores ---- */
             /* Where the rows go, derived again from the tile index rather than kept live through

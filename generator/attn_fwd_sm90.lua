@@ -15,8 +15,10 @@ local REGS_PER_SM = 65536
 -- P (block_n/4 words) at once; shared memory holds Q (block_m x D) plus `stages` K and V blocks.
 --  d64:  per-block work is short next to copy latency, so three stages (the small K/V blocks
 --        leave room). 192x128 with three consumers is FA3's shape; 128x192 trades rows for a
---        longer softmax; 128x128 halves the causal diagonal's waste of 192 rows; 64x128 is the
---        one-consumer variant for short query lengths.
+--        longer softmax; 128x128 halves the causal diagonal's waste of 192 rows (with five
+--        stages, for short causal tiles of two or three key blocks, so that the producer runs a
+--        whole tile ahead and the next head's first K/V blocks arrive from HBM in time); 64x128
+--        is the one-consumer variant for short query lengths.
 --  d128: 128x128 (160 KB) and 128x176 (208 KB, the most keys per block that fits two stages
 --        beside Q; better for long non-causal rows); 64x128 for short query lengths.
 --  d256: O alone takes 128 registers; 128x80 (224 KB) is the largest block_n that fits two
@@ -30,7 +32,8 @@ local REGS_PER_SM = 65536
 --        two-CTA tiles (64x64 and 64x80) were never within 5% of the two-consumer 128x128, so
 --        they are not in the table.
 local TILES = {
-  [64] = { { 192, 128, 3, 1 }, { 128, 192, 3, 1 }, { 128, 128, 3, 1 }, { 64, 128, 3, 1 },
+  [64] = { { 192, 128, 3, 1 }, { 128, 192, 3, 1 }, { 128, 128, 3, 1 }, { 128, 128, 5, 1 },
+           { 64, 128, 3, 1 },
            { 64, 128, 2, 2 }, { 64, 64, 3, 2 } },
   [128] = { { 128, 128, 2, 1 }, { 128, 176, 2, 1 }, { 64, 128, 2, 1 } },
   [256] = { { 128, 80, 2, 1 }, { 128, 64, 2, 1 }, { 64, 64, 2, 1 } },
@@ -125,7 +128,7 @@ return {
   axes = {
     { name = "block_m", values = { 64, 128, 192 } },
     { name = "block_n", values = { 64, 80, 96, 128, 176, 192 } },
-    { name = "stages", values = { 2, 3 } },
+    { name = "stages", values = { 2, 3, 5 } },
     { name = "consumer_wgs", values = { 1, 2, 3 } },
     { name = "pingpong", values = { 0, 1 } },
     { name = "intra_overlap", values = { 0, 1 } },

@@ -5,7 +5,7 @@
 #   tests     the GPU tests (ctest -L gpu)
 #   attn      GPU attention correctness only (test_attention_gpu), FM_TEST_FAMILY may restrict it
 #   tune      fmtune --gpu auto --shape 8x4096x128 (the mission), then the served check
-#   tunegrid  fmtune over the benchmark grid (time-budgeted per shape)
+#   tunegrid  fmtune over the benchmark grid (GRID_DIMS, GRID_SEQS, GRID_FAMILIES, GRID_ARGS)
 #   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG
 #   benchq    the same on a reduced grid
 #   moetune   fmtune --op moe, DeepSeek-V3 preset, per token bucket (MOE_TOKENS)
@@ -36,9 +36,9 @@ for stage in "$@"; do
       grep -E "^fmtune|^best|^tuning|^ *1 " "$OUT/fmtune.log" ;;
     tunegrid)
       fam=${GRID_FAMILIES:+--families $GRID_FAMILIES}
-      for d in 64 128 256; do for c in "" "--causal"; do for s in ${GRID_SEQS:-512 1024 2048 4096 8192 16384}; do
+      for d in ${GRID_DIMS:-64 128 256}; do for c in "" "--causal"; do for s in ${GRID_SEQS:-512 1024 2048 4096 8192 16384}; do
         "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $c --db "$FLASHMOE_DB" \
-          --runs 10 $fam >> "$OUT/tunegrid.log" 2>&1
+          --runs 10 $fam ${GRID_ARGS:-} >> "$OUT/tunegrid.log" 2>&1
       done; done; done
       grep "^best" "$OUT/tunegrid.log" ;;
     bench)
@@ -48,7 +48,7 @@ for stage in "$@"; do
     moetune)
       for t in ${MOE_TOKENS:-16 1024 4096 16384}; do
         "$B/fmtune" --op moe --gpu auto --preset deepseek-v3 --tokens $t --db "$FLASHMOE_DB" \
-          --runs 5 --budget ${MOE_BUDGET:-30} ${MOE_FAMILIES:+--families $MOE_FAMILIES} >> "$OUT/moetune.log" 2>&1
+          --runs 5 --budget ${MOE_BUDGET:-30} ${MOE_FAMILIES:+--families $MOE_FAMILIES} ${MOE_MATCH:+--match $MOE_MATCH} >> "$OUT/moetune.log" 2>&1
         echo "T=$t rc=$?"
       done
       grep -E "^best|^fmtune: measured" "$OUT/moetune.log" ;;

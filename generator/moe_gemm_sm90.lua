@@ -12,9 +12,11 @@
 -- gemm1 takes block_n/2 gate and block_n/2 up rows), stages. block_k is 64 (the swizzle atom's
 -- row). Launch-only axes as in sm80: group_m, split_k (gemm2), combine.
 
--- ws: + 1024 more for the 2 * stages mbarriers behind the ring.
+-- ws: + 1024 more for the 2 * stages mbarriers behind the ring, and with three consumers
+-- (block_m 192) the producer's 6 KB table of gathered token indices.
 local function smem(c)
   return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "ws" and 2048 or 1024)
+    + (c.block_m == 192 and 128 * 12 * 4 or 0)
 end
 
 return {
@@ -31,7 +33,7 @@ return {
   },
   axes = {
     { name = "pipe", values = { "sync", "ws" } },
-    { name = "block_m", values = { 64, 128 } },
+    { name = "block_m", values = { 64, 128, 192 } },
     { name = "block_n", values = { 64, 128, 256 } },
     { name = "stages", values = { 3, 4, 5, 6 } },
     { name = "group_m", values = { 1, 8 } },
@@ -53,10 +55,16 @@ return {
       check = function(c, lim) return not lim.smem_per_block or smem(c) <= lim.smem_per_block end,
     },
     {
-      -- Two consumer warpgroups of 64 rows share each weight tile; the producer's gather covers
-      -- 128 rows with 128 threads x 8 chunks.
-      reason = "pipe = ws takes block_m = 128",
-      check = function(c) return c.pipe ~= "ws" or c.block_m == 128 end,
+      -- Two or three consumer warpgroups of 64 rows share each weight tile; the producer's
+      -- gather covers the rows with 128 threads x block_m/16 chunks.
+      reason = "pipe = ws takes block_m = 128 or 192",
+      check = function(c) return c.pipe ~= "ws" or c.block_m >= 128 end,
+    },
+    {
+      -- Three consumers (160 registers each beside the 128 accumulators of m64n256) only pay
+      -- where the tile is large enough to be limited by L2 traffic (bench/NOTES.md, MoE v3).
+      reason = "block_m = 192 is for pipe = ws with block_n = 256",
+      check = function(c) return c.block_m ~= 192 or (c.pipe == "ws" and c.block_n == 256) end,
     },
     {
       reason = "pipe = ws takes block_n = 128 or 256",
@@ -88,12 +96,12 @@ return {
     },
     {
       reason = "block_m = 64 uses combine=atomic only with split-K",
-      check = function(c) return c.block_m == 128 or c.combine == "slot" or c.split_k > 1 end,
+      check = function(c) return c.block_m >= 128 or c.combine == "slot" or c.split_k > 1 end,
     },
     {
       -- block_m = 64 serves the T where an expert has one or two tiles: nothing to group.
-      reason = "group_m > 1 is for the large tile (block_m = 128)",
-      check = function(c) return c.group_m == 1 or c.block_m == 128 end,
+      reason = "group_m > 1 is for the large tiles (block_m >= 128)",
+      check = function(c) return c.group_m == 1 or c.block_m >= 128 end,
     },
   },
 
@@ -113,7 +121,7 @@ return {
     }
   end,
 
-  threads = function(c) return c.pipe == "ws" and 384 or c.block_m // 64 * 128 end,
+  threads = function(c) return c.pipe == "ws" and 128 * (1 + c.block_m // 64) or c.block_m // 64 * 128 end,
   smem_bytes = smem,
 
   -- Untuned default (problem fields t, e, k, h, i, sms as for sm80). Rows per routed expert

@@ -298,7 +298,8 @@ fm_status fm_moe_choose(fm_context *ctx, const fm_moe_args *a, fm_config *cfg,
  * [rows, I] as (I, rows, 1, 1) in boxes (64, 128, 1, 1). gemm1's A rows are gathered by the
  * kernel itself; its first map argument is a copy of the second, never read. */
 static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inter,
-                         long long inter_rows, int bn, CUtensorMap m1[2], CUtensorMap m2[2]) {
+                         long long inter_rows, int bm, int bn, CUtensorMap m1[2],
+                         CUtensorMap m2[2]) {
     const cuuint64_t H = (cuuint64_t)a->hidden, I = (cuuint64_t)a->intermediate;
     const cuuint64_t E = (cuuint64_t)a->experts;
     memset(m1, 0, 2 * sizeof *m1);
@@ -325,7 +326,7 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
         const cuuint64_t dims[4] = {I, rows, 1, 1};
         /* Extent-1 dimensions are never stepped; the driver still wants a multiple of 16. */
         const cuuint64_t st[3] = {I * 2, rows * I * 2, rows * I * 2};
-        const cuuint32_t box[4] = {64, 128, 1, 1};
+        const cuuint32_t box[4] = {64, (cuuint32_t)bm, 1, 1};
         s = fm_tma_encode_4d(ctx, &m2[0], "moe: tensor map of the intermediate", a->dtype, inter,
                              dims, st, box);
         if (s != FM_OK) return s;
@@ -387,7 +388,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const int ws_pipe = pipe && strcmp(pipe, "ws") == 0; /* moe_gemm_sm90 pipe = ws */
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
         a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
-        (ws_pipe && (bm != 128 || bk != 64 || split != 1 || (bn != 128 && bn != 256))))
+        (ws_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
+                     (bn != 128 && bn != 256))))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -492,7 +494,7 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     CUtensorMap m1[2], m2[2];
     long long g1_grid = g1_ctas, g2_grid = g2_ctas;
     if (ws_pipe) {
-        if ((s = ws_maps(ctx, a, inter, l.max_rows, bn, m1, m2)) != FM_OK) return s;
+        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, m1, m2)) != FM_OK) return s;
         const long long sms = ctx->sm_count > 0 ? ctx->sm_count : 1;
         if (g1_grid > sms) g1_grid = sms;
         if (g2_grid > sms) g2_grid = sms;

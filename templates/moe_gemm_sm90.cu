@@ -57,8 +57,8 @@
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ != 900 || !defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #error "moe_gemm_sm90.cu uses wgmma: compile it for sm_90a"
 #endif
-#if FM_BLOCK_M != 64 && FM_BLOCK_M != 128
-#error "FM_BLOCK_M must be 64 or 128 (one or two consumer warpgroups of 64 rows)"
+#if FM_BLOCK_M != 64 && FM_BLOCK_M != 128 && !(FM_MOE_WS && FM_BLOCK_M == 192)
+#error "FM_BLOCK_M must be 64 or 128 (one or two warpgroups of 64 rows), or 192 with FM_MOE_WS"
 #endif
 #if FM_BLOCK_N != 64 && FM_BLOCK_N != 128 && FM_BLOCK_N != 256
 #error "FM_BLOCK_N must be 64, 128 or 256 (the wgmma N; gemm1 needs BLOCK_N/2 % 8 == 0)"

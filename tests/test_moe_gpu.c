@@ -428,12 +428,15 @@ static const cfg_spec specs[] = {
     {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync"},
 };
 
-/* The warp-specialised sm90 pipeline: both block_n, stages 3..6, both rasters and combines. */
+/* The warp-specialised sm90 pipeline: both block_n, two and three consumers (block_m 128, 192),
+ * stages 3..6, both rasters and combines. */
 static const cfg_spec ws_specs[] = {
     {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws"},
     {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws"},
     {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws"},
     {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws"},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 8, 1, "slot", "ws"},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws"},
 };
 
 static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_loaded **k) {

@@ -40,6 +40,7 @@ static void usage(FILE *f) {
 "  --db PATH             tuning database (default $FLASHMOE_DB or ~/.local/share/flashmoe/tuning.sqlite)\n"
 "  --cache-dir DIR       compiled-kernel cache (default $FLASHMOE_CACHE_DIR or ~/.cache/flashmoe)\n"
 "  --families A,B        only these kernel families\n"
+"  --match TEXT          only variants whose name contains TEXT (e.g. _ws, m192)\n"
 "  --max-variants N      measure at most N variants     --budget SECONDS  time budget for measuring\n"
 "  --runs N              timed runs per variant (default 30; the median is kept)\n"
 "  --jobs N              compile threads (default: CPUs)\n"
@@ -415,6 +416,8 @@ int main(int argc, char **argv) {
             NEED_VAL snprintf(o.cache_dir, sizeof o.cache_dir, "%s", val);
         } else if (!strcmp(a, "--families")) {
             NEED_VAL o.families = val;
+        } else if (!strcmp(a, "--match")) {
+            NEED_VAL o.match = val;
         } else if (!strcmp(a, "--max-variants") || !strcmp(a, "--runs") || !strcmp(a, "--jobs")) {
             NEED_VAL if (parse_int(val, 1, 1000000, &x))
                 return die_usage("%s needs a positive integer", a);

@@ -762,6 +762,26 @@ int fm_tune(const fm_tune_opts *o) {
         fprintf(stderr, "  culled %3d: %s\n", acc.reason_count[i], acc.reasons[i]);
     variant *v = acc.v;
     int nv = acc.n;
+    if (o->match && o->match[0]) { /* keep the matching variants, in enumeration order */
+        int kept = 0;
+        for (int i = 0; i < nv; i++) {
+            if (strstr(v[i].cfg.name, o->match)) {
+                if (kept != i) v[kept] = v[i];
+                kept++;
+            } else {
+                fm_rendered_free(&v[i].r);
+            }
+        }
+        fprintf(stderr, "fmtune: --match %s: %d of %d variants\n", o->match, kept, nv);
+        nv = kept;
+        if (nv == 0) {
+            fprintf(stderr, "fmtune: no variant name contains \"%s\" (fmtune list shows them)\n",
+                    o->match);
+            fm_generator_close(gen);
+            free(acc.v);
+            return FM_EXIT_USAGE;
+        }
+    }
     if (o->max_variants > 0 && nv > o->max_variants) nv = o->max_variants;
 
     /* database: opened for writing only when there is something to measure */

@@ -13,6 +13,7 @@ typedef struct fm_tune_opts {
     char db_path[1024];
     char cache_dir[1024];
     const char *families;     /* NULL: every family of the op */
+    const char *match;        /* NULL: every variant; else only names containing it */
     int max_variants;         /* 0: all */
     double budget_s;          /* 0: none; time for the measuring phase */
     int jobs;                 /* compile threads; 0: number of CPUs */

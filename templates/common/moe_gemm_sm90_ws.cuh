@@ -7,28 +7,35 @@
  *                     const __grid_constant__ fm_tma_desc tma_b,   w13 as 4-D (H, I, 2, E)
  *                     const fm_moe_gemm_params p)
  *   fm_moe_gemm2_sm90(tma_a = intermediate as 4-D (I, rows, 1, 1), tma_b = w2 as 4-D (I, H, E, 1), p)
- *   block 384 threads (3 warpgroups), grid = min(SMs, m_tiles * n_tiles) persistent CTAs,
- *   dynamic shared memory STAGES * (128 + BLOCK_N) * 128 + 2048 bytes.
+ *   block 128 * (1 + BLOCK_M / 64) threads (a producer and BLOCK_M / 64 consumer warpgroups),
+ *   grid = min(SMs, m_tiles * n_tiles) persistent CTAs, dynamic shared memory
+ *   STAGES * (BLOCK_M + BLOCK_N) * 128 + 2048 bytes.
  * All boxes are 64 elements (128 bytes, the 128-byte swizzle span) wide; rows past the end of
  * a dimension come back as zeros (N tails: I or H not a multiple of the tile).
  *
  * Roles:
  *  - warpgroup 0, the producer, gives registers away (setmaxnreg.dec) and fills a ring of
- *    STAGES shared-memory stages [A 128 x 64 | B BLOCK_N x 64], each guarded by a full and an
+ *    STAGES shared-memory stages [A BLOCK_M x 64 | B BLOCK_N x 64], each guarded by a full and an
  *    empty mbarrier. Thread 0 issues the weight tile with the copy engine (one 4-D box; for
  *    gemm1 the box spans both the gate and the up half, so the stage holds BLOCK_N/2 gate rows
  *    followed by the BLOCK_N/2 up rows of the same columns), and gemm2's A tile (contiguous
  *    rows of the intermediate). gemm1's A rows are gathered token rows, which no tiled tensor
- *    map can address: all 128 producer threads copy them with cp.async (16 bytes each, 8 per
- *    thread per stage; padding rows zero-filled).
- *  - warpgroups 1 and 2, the consumers, take 64 rows each of the 128-row tile and all BLOCK_N
+ *    map can address: all 128 producer threads copy them with cp.async (16 bytes each,
+ *    BLOCK_M / 16 per thread per stage; padding rows zero-filled). A thread keeps the token
+ *    index of each of its rows (32-bit) rather than a pointer: the producer runs on 32 to 40
+ *    registers.
+ *  - warpgroups 1..BLOCK_M/64, the consumers, take 64 rows each of the tile and all BLOCK_N
  *    columns: 4 wgmma m64nNk16 per stage, one group in flight behind the one issued, then they
  *    release the previous stage (one arrival per consumer warp) and run the epilogue from
  *    registers (SwiGLU for gemm1; routing weight and slot row or fp32 atomics for gemm2).
  *    While the consumers run an epilogue the producer is already filling the next tile's
  *    stages.
+ *  - BLOCK_M = 192 (three consumers) against 128: every stage brings (192 + 256) rows for
+ *    2 * 192 * 256 * 64 FLOP, 110 FLOP per byte of L2 traffic instead of 85; at large T the
+ *    two-consumer tile moves about 5.5 TB/s out of L2 (bench/NOTES.md, MoE v3), which is where
+ *    an H100/H200 L2 tops out.
  *  - a consumer warpgroup whose 64 rows are all padding (an expert's last tile holding <= 64
- *    rows: padding rows are at the end of each expert's range, so row 64 decides) issues no
+ *    rows: padding rows are at the end of each expert's range, so its first row decides) issues no
  *    wgmma and writes nothing, only keeps the barrier protocol. At T = 4096 with 256 experts
  *    (~128 rows per expert) this removes about half of the padding work.
  *
@@ -49,14 +56,23 @@
  */
 #pragma once
 
+#if FM_BLOCK_M != 128 && FM_BLOCK_M != 192
+#error "the warp-specialised MoE GEMM takes BLOCK_M = 128 or 192 (two or three consumer warpgroups of 64 rows)"
+#endif
+#define FM_WS_CONSUMERS (FM_BLOCK_M / 64)
 #ifndef FM_PRODUCER_REGS
+#if FM_WS_CONSUMERS == 2
 #define FM_PRODUCER_REGS 40
+#else
+#define FM_PRODUCER_REGS 32
+#endif
 #endif
 #ifndef FM_CONSUMER_REGS
+#if FM_WS_CONSUMERS == 2
 #define FM_CONSUMER_REGS 232 /* 128 * (40 + 2 * 232) = 64512 <= 65536 */
+#else
+#define FM_CONSUMER_REGS 160 /* 128 * (32 + 3 * 160) = 65536: 128 accumulators + addressing */
 #endif
-#if FM_BLOCK_M != 128
-#error "the warp-specialised MoE GEMM takes BLOCK_M = 128 (two consumer warpgroups of 64 rows)"
 #endif
 #if FM_BLOCK_N != 128 && FM_BLOCK_N != 256
 #error "the warp-specialised MoE GEMM takes BLOCK_N = 128 or 256"
@@ -68,25 +84,46 @@
     FM_CONSUMER_REGS % 8 != 0
 #error "setmaxnreg counts must be multiples of 8 in 24..256"
 #endif
-#if 128 * (FM_PRODUCER_REGS + 2 * FM_CONSUMER_REGS) > 65536
+#if 128 * (FM_PRODUCER_REGS + FM_WS_CONSUMERS * FM_CONSUMER_REGS) > 65536
 #error "register split exceeds the 64K registers of an SM"
 #endif
 
 namespace fm_moe_ws {
 
-constexpr int kBM = 128, kBN = FM_BLOCK_N, kBK = 64;
+/* Volatile: the point is that the value is not kept in a register across the k loop. */
+static __device__ __forceinline__ void fm_st_shared_s32(unsigned addr, int v) {
+    asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+static __device__ __forceinline__ int fm_ld_shared_s32(unsigned addr) {
+    int v;
+    asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+    return v;
+}
+
+constexpr int kBM = FM_BLOCK_M, kBN = FM_BLOCK_N, kBK = 64;
+constexpr int kConsumers = FM_WS_CONSUMERS;
 constexpr int kStages = FM_STAGES;
 constexpr int kLag = kStages - 2;
-constexpr int kThreads = 384;
+constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kRowBytes = kBK * 2;            /* 128 */
-constexpr int kABytes = kBM * kRowBytes;      /* 16 KB */
+constexpr int kABytes = kBM * kRowBytes;      /* 16 or 24 KB */
 constexpr int kBBytes = kBN * kRowBytes;      /* 16 or 32 KB */
 constexpr int kStageBytes = kABytes + kBBytes;
 constexpr int kBarOffset = kStages * kStageBytes; /* full[S] then empty[S], 8 bytes each */
 constexpr int kAcc = kBN / 2;
-constexpr int kGatherIters = kBM * 8 / 128;   /* 16-byte chunks per producer thread: 8 */
+/* A 512-thread CTA compiles under 128 registers per thread, too few for one m64n256 wgmma
+ * (128 accumulators + operands in one instruction: ptxas C7602); three consumers issue each
+ * k16 step as two m64n128 halves instead (each reads the A fragment again: 12 KB of shared
+ * memory per warpgroup and k16 step instead of 10). */
+constexpr int kSplitN = (kConsumers == 3 && kBN == 256) ? 2 : 1;
+constexpr int kGatherIters = kBM * 8 / 128;   /* 16-byte chunks per producer thread: 8 or 12 */
 static_assert(kStageBytes % 1024 == 0 && kABytes % 1024 == 0, "1024-byte swizzle atoms");
 static_assert(kBarOffset + 16 * kStages <= kStages * kStageBytes + 1024, "barriers fit the slack");
+/* Three consumers leave the producer 32 registers, too few to keep its rows' token indices
+ * live through the k loop: each thread parks them in shared memory ([j][thread], conflict-free),
+ * behind the barriers: 128 * 12 * 4 = 6 KB (generator/moe_gemm_sm90.lua counts it). */
+constexpr bool kTokInSmem = kConsumers == 3;
+constexpr int kTokOffset = kStages * kStageBytes + 1024;
 
 /* Tile t -> (m_tile, n_tile): groups of group_m M-tiles, M fastest inside a group. */
 static __device__ __forceinline__ void raster(int t, int m_tiles, int n_tiles, int group_m,
@@ -120,17 +157,15 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
         const int expert = p.tile_expert[m_tile];
         const int m0 = m_tile * kBM;
 
-        const fm_elem_t *src[kGatherIters];
-        unsigned ok = 0;
+        /* Token of each of this thread's rows, -1 for padding. */
+        int tok[kGatherIters];
         if (GATHER) {
 #pragma unroll
             for (int j = 0; j < kGatherIters; ++j) {
                 const int slot = p.sorted_slot[m0 + rbase + 16 * j];
-                src[j] = A + ccol * 8;
-                if (slot >= 0) {
-                    src[j] = A + (long long)(slot / p.topk) * p.k + ccol * 8;
-                    ok |= 1u << j;
-                }
+                tok[j] = slot >= 0 ? slot / p.topk : -1;
+                if constexpr (kTokInSmem)
+                    fm_st_shared_s32(s_base + (unsigned)(kTokOffset + 4 * (128 * j + tid)), tok[j]);
             }
         }
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -151,12 +186,14 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
                 }
             }
             if (GATHER) {
-                const int koff = kt * kBK;
+                const fm_elem_t *col = A + kt * kBK + ccol * 8;
 #pragma unroll
                 for (int j = 0; j < kGatherIters; ++j) {
-                    const bool v = (ok >> j) & 1u;
+                    if constexpr (kTokInSmem)
+                        tok[j] = fm_ld_shared_s32(s_base + (unsigned)(kTokOffset + 4 * (128 * j + tid)));
+                    const bool v = tok[j] >= 0;
                     fm_cp_async_16(sA + fm_moe::swz<kBK>(rbase + 16 * j, ccol),
-                                   v ? src[j] + koff : src[j], v ? 16 : 0);
+                                   v ? col + (long long)tok[j] * p.k : col, v ? 16 : 0);
                 }
                 fm_cp_async_commit();
                 if (it + 1 - signaled > kLag) {
@@ -179,7 +216,7 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
 template <bool GATED>
 static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
                                                 int m_tiles, int total) {
-    const int cw = threadIdx.x / 128 - 1; /* rows 64cw..64cw+63 of each tile */
+    const int cw = threadIdx.x / 128 - 1; /* rows 64cw..64cw+63 of each tile, 0..kConsumers-1 */
     const int wtid = threadIdx.x % 128;
     const int warp = wtid / 32, lane = wtid % 32;
     const int g = lane / 4, tq = lane % 4;
@@ -224,9 +261,21 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
             const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
             fm_wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < kBK / 16; ++ks)
-                fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
-                                                             bd + (unsigned)(2 * ks), 1);
+            for (int ks = 0; ks < kBK / 16; ++ks) {
+                if constexpr (kSplitN == 1) {
+                    fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
+                                                                 bd + (unsigned)(2 * ks), 1);
+                } else {
+                    /* two n128 halves: columns 0..127 are acc[0..63], 128..255 acc[64..127];
+                     * the second half's B rows start 128 rows (1024 descriptor units) on */
+                    float(&lo)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[0]);
+                    float(&hi)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[kAcc / 2]);
+                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
+                        lo, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks), 1);
+                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
+                        hi, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks + kBN / 2 * 8), 1);
+                }
+            }
             fm_wgmma_commit();
             /* The previous k-tile's group is done in this warp: its stage may be refilled. */
             fm_wgmma_wait<1>();
@@ -298,7 +347,7 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
         for (int s = 0; s < kStages; ++s) {
             /* gemm1: 128 cp.async arrivals + thread 0's expect_tx; gemm2: the expect_tx. */
             fm_mbar_init(bar_full + 8 * s, GATED ? 129 : 1);
-            fm_mbar_init(bar_empty + 8 * s, 8); /* one per consumer warp */
+            fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers); /* one per consumer warp */
         }
         fm_mbar_init_fence();
     }
@@ -307,7 +356,11 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
     /* Real M tiles (written by the alignment kernel earlier on the stream). */
     const int m_tiles = min(*p.num_tiles, p.m_tiles);
     const int total = m_tiles * p.n_tiles;
-    if (threadIdx.x < 128) {
+    /* Warp-uniform by construction (a broadcast): ptxas then compiles each role's code under its
+     * own setmaxnreg budget (the consumers' m64n256 wgmma needs more than the 128 registers per
+     * thread a 512-thread CTA starts with). */
+    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
+    if (wg == 0) {
         fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
         producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total);
     } else {
@@ -318,14 +371,14 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
 
 } // namespace fm_moe_ws
 
-extern "C" __global__ void __launch_bounds__(384, 1)
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1)
 fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_a,
                   const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
     extern __shared__ __align__(1024) unsigned char fm_smem[];
     fm_moe_ws::gemm<true>(&tma_a, &tma_b, p, fm_smem);
 }
 
-extern "C" __global__ void __launch_bounds__(384, 1)
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1)
 fm_moe_gemm2_sm90(const __grid_constant__ fm_tma_desc tma_a,
                   const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
     extern __shared__ __align__(1024) unsigned char fm_smem[];

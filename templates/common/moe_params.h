@@ -19,7 +19,7 @@
 #define FM_MOE_MAX_TOPK 16
 #define FM_MOE_MAX_GROUPS 32   /* grouped routing: one warp lane per group */
 #define FM_MOE_MIN_BLOCK_M 16  /* the workspace is sized for every block_m in [MIN, MAX] */
-#define FM_MOE_MAX_BLOCK_M 128
+#define FM_MOE_MAX_BLOCK_M 192
 
 #define FM_MOE_ROUTE_SOFTMAX 0 /* = FM_MOE_ROUTING_SOFTMAX_TOPK */
 #define FM_MOE_ROUTE_SIGMOID 1 /* = FM_MOE_ROUTING_SIGMOID_GROUPED */

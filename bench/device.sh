@@ -48,7 +48,7 @@ for stage in "$@"; do
     moetune)
       for t in ${MOE_TOKENS:-16 1024 4096 16384}; do
         "$B/fmtune" --op moe --gpu auto --preset deepseek-v3 --tokens $t --db "$FLASHMOE_DB" \
-          --runs 5 --budget ${MOE_BUDGET:-30} ${MOE_FAMILIES:+--families $MOE_FAMILIES} ${MOE_MATCH:+--match $MOE_MATCH} >> "$OUT/moetune.log" 2>&1
+          --runs 5 --budget ${MOE_BUDGET:-30} ${MOE_FAMILIES:+--families $MOE_FAMILIES} ${MOE_MATCH:+--match $MOE_MATCH} ${MOE_ARGS:-} >> "$OUT/moetune.log" 2>&1
         echo "T=$t rc=$?"
       done
       grep -E "^best|^fmtune: measured" "$OUT/moetune.log" ;;

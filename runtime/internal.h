@@ -107,6 +107,9 @@ int fm_nvrtc_version(void); /* major*1000 + minor*10, 0 if NVRTC cannot be loade
  * r->arch_suffix). On NVRTC failure returns FM_ERR_COMPILE with the log in *log (malloc'd). */
 fm_status fm_jit_compile(fm_jit *j, const char *name, const fm_rendered *r, int arch,
                          void **cubin, size_t *cubin_size, fm_compile_info *info, char **log);
+/* Adds what a ptxas -v report (NVRTC's program log or nvcc's output) says to *info: the largest
+ * register count, stack and static shared memory over the kernels, the total of the spills. */
+void fm_parse_ptxas_log(const char *log, fm_compile_info *info);
 
 /* ---- database ---------------------------------------------------------------------------- */
 #include "../db/db.h"

@@ -89,7 +89,7 @@ void fm_jit_close(fm_jit *j) {
 
 /* Reads the ptxas report NVRTC put in the program log. A module may hold several kernels: the
  * report keeps the largest register count and stack, and the total of the spills. */
-static void parse_ptxas(const char *log, fm_compile_info *info) {
+void fm_parse_ptxas_log(const char *log, fm_compile_info *info) {
     for (const char *p = log; (p = strstr(p, "Used ")); p += 5) {
         int regs = 0;
         if (sscanf(p, "Used %d registers", &regs) == 1 && regs > info->registers)
@@ -104,9 +104,12 @@ static void parse_ptxas(const char *log, fm_compile_info *info) {
             if (sscanf(q, "%d", &smem) == 1 && smem > info->static_smem) info->static_smem = smem;
         }
     }
+    /* NVRTC prefixes the line ("ptxas         .     56 bytes stack frame, ..."), nvcc does
+     * not: start at the number just before "bytes stack frame". */
     for (const char *p = log; (p = strstr(p, "bytes stack frame")); p += 17) {
         const char *q = p;
-        while (q > log && q[-1] != '\n' && q[-1] != ',') q--;
+        while (q > log && q[-1] == ' ') q--;
+        while (q > log && q[-1] >= '0' && q[-1] <= '9') q--;
         int stack = 0, st = 0, ld = 0;
         if (sscanf(q, " %d bytes stack frame, %d bytes spill stores, %d bytes spill loads", &stack,
                    &st, &ld) == 3) {
@@ -213,6 +216,10 @@ fm_status fm_jit_compile(fm_jit *j, const char *name, const fm_rendered *r, int 
     key = fnv(key, r->source, strlen(r->source) + 1);
     key = fnv(key, &nvrtc, sizeof nvrtc);
     for (int i = 0; i < nopts; i++) key = fnv(key, opts[i], strlen(opts[i]) + 1);
+    /* Version of what the cache stores beside the cubin (.info): 2 since spills are read from
+     * NVRTC's prefixed ptxas lines (entries written before said 0 spills, wrongly). */
+    static const char info_version[] = "info-2";
+    key = fnv(key, info_version, sizeof info_version);
 
     if (mem_get(j, key, cubin, cubin_size, info)) {
         info->from_cache = 2;
@@ -263,7 +270,7 @@ fm_status fm_jit_compile(fm_jit *j, const char *name, const fm_rendered *r, int 
         nvrtcDestroyProgram(&prog);
         return FM_ERR_COMPILE;
     }
-    if (text) parse_ptxas(text, info);
+    if (text) fm_parse_ptxas_log(text, info);
     size_t n = 0;
     rc = nvrtcGetCUBINSize(prog, &n);
     void *bin = rc == NVRTC_SUCCESS && n ? malloc(n) : NULL;

@@ -54,7 +54,36 @@ static int each_problem(void *user, const fm_config *p, const char *reason) {
     return 0;
 }
 
+/* The ptxas report as NVRTC words it (each line prefixed) and as nvcc does: a spill must be seen
+ * in both, or the tuner's static rejection of spilling variants silently never fires. */
+static void test_ptxas_log(void) {
+    const char *nvrtc =
+        "ptxas info    : Function properties for fm_a\n"
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 32 registers, used 0 barriers\n"
+        "ptxas info    : Function properties for fm_b\n"
+        "ptxas         .     56 bytes stack frame, 56 bytes spill stores, 48 bytes spill loads\n"
+        "ptxas info    : Used 168 registers, used 1 barriers, 56 bytes cumulative stack size\n";
+    fm_compile_info a;
+    memset(&a, 0, sizeof a);
+    fm_parse_ptxas_log(nvrtc, &a);
+    CHECK(a.registers == 168 && a.spill_stores == 56 && a.spill_loads == 48 && a.stack_bytes == 56,
+          "NVRTC log: regs %d spills %d/%d stack %d", a.registers, a.spill_stores, a.spill_loads,
+          a.stack_bytes);
+    const char *nvcc = "ptxas info    : Function properties for fm_c\n"
+                       "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+                       "ptxas info    : Used 255 registers, 1024 bytes smem\n";
+    fm_compile_info b;
+    memset(&b, 0, sizeof b);
+    fm_parse_ptxas_log(nvcc, &b);
+    CHECK(b.registers == 255 && b.spill_stores == 4 && b.spill_loads == 4 && b.stack_bytes == 8 &&
+              b.static_smem == 1024,
+          "nvcc log: regs %d spills %d/%d stack %d smem %d", b.registers, b.spill_stores,
+          b.spill_loads, b.stack_bytes, b.static_smem);
+}
+
 int main(void) {
+    test_ptxas_log();
     char err[1024] = "";
     fm_generator *g = NULL;
     CHECK(fm_generator_open(&g, err, sizeof err) == FM_OK, "open: %s", err);

@@ -135,10 +135,10 @@ return {
     { name = "persistent", values = { 0, 1 } },
     -- Q buffers. Two let a persistent CTA copy the next tile's Q while the current one runs
     -- (with one, that copy waits for the current tile's last S product).
-    { name = "q_stages", values = { 1, 2 } },
+    { name = "q_stages", values = { 1, 2 }, default = 1 },
     -- Resident CTAs per SM the kernel is built for (launch bounds, register split, persistent
     -- grid size).
-    { name = "ctas_per_sm", values = { 1, 2 } },
+    { name = "ctas_per_sm", values = { 1, 2 }, default = 1 },
     -- Producer registers under setmaxnreg (the consumers get the rest). 24 is the floor of
     -- setmaxnreg and enough for one thread issuing copies; 40 would leave room for a
     -- multi-thread producer.

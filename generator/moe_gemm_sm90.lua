@@ -39,6 +39,12 @@ return {
     { name = "group_m", values = { 1, 8 } },
     { name = "split_k", values = { 1, 2, 4 } },
     { name = "combine", values = { "slot", "atomic" } },
+    -- pipe = ws only (launch-only): "persistent", one CTA per SM walking the tiles; or "tiles",
+    -- one CTA per tile. ncu on H200 (T = 16384) showed the persistent GEMMs reading 3x the
+    -- weight bytes from DRAM (L2 hit rate 42-45%): the CTAs that share a weight tile (the M
+    -- tiles of one expert) drift apart over their rounds, while CTAs launched per tile start in
+    -- raster order, side by side, every time.
+    { name = "ws_grid", values = { "persistent", "tiles" }, default = "persistent" },
   },
 
   constraints = {
@@ -65,6 +71,10 @@ return {
       -- where the tile is large enough to be limited by L2 traffic (bench/NOTES.md, MoE v3).
       reason = "block_m = 192 is for pipe = ws with block_n = 256",
       check = function(c) return c.block_m ~= 192 or (c.pipe == "ws" and c.block_n == 256) end,
+    },
+    {
+      reason = "ws_grid is for pipe = ws (the sync pipeline always launches one CTA per tile)",
+      check = function(c) return c.pipe == "ws" or c.ws_grid == "persistent" end,
     },
     {
       reason = "pipe = ws takes block_n = 128 or 256",
@@ -109,6 +119,7 @@ return {
   name_of = function(c)
     return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s%s", c.dtype, c.block_m,
       c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "ws" and "_ws" or "")
+      .. (c.ws_grid == "tiles" and "_tiles" or "")
   end,
 
   defines = function(c)
@@ -135,7 +146,7 @@ return {
     local sms = p.sms or 132
     local hit = math.min(e, t * k)
     local rows = t * k / hit
-    local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot" }
+    local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent" }
     -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
     -- tile won every bucket from T=1024 (32 rows per expert) up; the weight-streaming 64-row
     -- tile won at T=16 (0.5 rows per expert).

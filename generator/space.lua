@@ -10,7 +10,8 @@
 --   arch_suffix "a" when the code needs sm_90a-only instructions (wgmma, setmaxnreg), else ""
 --   problem     ordered list of {name=, values={...}}: what the caller's problem fixes (dtype,
 --               head dim, causal, ...). The default space is the product of these values.
---   axes        ordered list of {name=, values={...}}: the tuning axes
+--   axes        ordered list of {name=, values={...}}: the tuning axes (an axis added after
+--               configurations were stored also gives default=, their implicit value)
 --   constraints list of {reason=string or function(c, lim) -> string, check=function(c, lim) -> bool}
 --               check returns true when the configuration is acceptable
 --   name_of     function(c) -> canonical name (must spell every problem and axis value)
@@ -174,7 +175,10 @@ local function from_params(F, params)
   for _, p in ipairs(F.problem) do
     if c[p.name] == nil then error(F.name .. ": parameter '" .. p.name .. "' missing", 0) end
   end
+  -- An axis added after configurations were stored declares `default`, the value those
+  -- configurations had implicitly (their names do not mention it): they stay loadable.
   for _, a in ipairs(F.axes) do
+    if c[a.name] == nil and a.default ~= nil then c[a.name] = a.default end
     if c[a.name] == nil then error(F.name .. ": parameter '" .. a.name .. "' missing", 0) end
   end
   c.name = F.name_of(c)

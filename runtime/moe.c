@@ -386,6 +386,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const int atomic = comb && strcmp(comb, "atomic") == 0;
     const char *pipe = fm_config_str(cfg, "pipe");
     const int ws_pipe = pipe && strcmp(pipe, "ws") == 0; /* moe_gemm_sm90 pipe = ws */
+    const char *ws_grid = fm_config_str(cfg, "ws_grid");
+    const int ws_tiles = ws_grid && strcmp(ws_grid, "tiles") == 0; /* one CTA per tile */
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
         a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
         (ws_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
@@ -490,14 +492,15 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const char *suffix = strncmp(cfg->family, "moe_gemm_", 9) == 0 ? cfg->family + 9 : "";
     snprintf(entry2, sizeof entry2, "fm_moe_gemm2_%s", suffix);
 
-    /* pipe = ws: persistent, one CTA per SM at most (each takes ~200 KB of shared memory). */
+    /* pipe = ws: persistent, one CTA per SM at most (each takes ~200 KB of shared memory); with
+     * ws_grid = tiles one CTA per tile of the bound (those past the real count exit at once). */
     CUtensorMap m1[2], m2[2];
     long long g1_grid = g1_ctas, g2_grid = g2_ctas;
     if (ws_pipe) {
         if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, m1, m2)) != FM_OK) return s;
         const long long sms = ctx->sm_count > 0 ? ctx->sm_count : 1;
-        if (g1_grid > sms) g1_grid = sms;
-        if (g2_grid > sms) g2_grid = sms;
+        if (!ws_tiles && g1_grid > sms) g1_grid = sms;
+        if (!ws_tiles && g2_grid > sms) g2_grid = sms;
     }
 
     if ((s = fm_context_enter(ctx)) != FM_OK) return s;

@@ -82,12 +82,47 @@ static void test_ptxas_log(void) {
           b.spill_loads, b.stack_bytes, b.static_smem);
 }
 
+/* A configuration stored before an axis existed (its parameters lack it) still names and renders
+ * as the same kernel: the axis declares the default it implicitly had. */
+static void test_stored_before_axis(fm_generator *g) {
+    char err[1024] = "";
+    fm_config c;
+    memset(&c, 0, sizeof c);
+    snprintf(c.family, sizeof c.family, "attn_fwd_sm90");
+    fm_config_set_str(&c, "dtype", "bf16");
+    fm_config_set_int(&c, "head_dim", 128);
+    fm_config_set_int(&c, "causal", 0);
+    const char *ax[][2] = {{"block_m", "128"}, {"block_n", "128"}, {"stages", "2"},
+                           {"consumer_wgs", "2"}, {"pingpong", "1"}, {"intra_overlap", "1"},
+                           {"persistent", "1"}, {"producer_regs", "24"}};
+    for (size_t i = 0; i < sizeof ax / sizeof ax[0]; i++)
+        fm_config_set_int(&c, ax[i][0], atoll(ax[i][1]));
+    CHECK(fm_generator_name(g, &c, err, sizeof err) == FM_OK, "name without ctas_per_sm/q_stages: %s",
+          err);
+    CHECK(strcmp(c.name, "attn_fwd_sm90_bf16_d128_c0_m128_n128_s2_wg2_pp1_io1_p1_r24") == 0,
+          "name %s", c.name);
+    fm_rendered r;
+    memset(&r, 0, sizeof r);
+    CHECK(fm_generator_render(g, &c, &r, err, sizeof err) == FM_OK, "render: %s", err);
+    fm_rendered_free(&r);
+    /* an axis without a default is still required */
+    fm_config d;
+    memset(&d, 0, sizeof d);
+    snprintf(d.family, sizeof d.family, "attn_fwd_sm90");
+    fm_config_set_str(&d, "dtype", "bf16");
+    fm_config_set_int(&d, "head_dim", 128);
+    fm_config_set_int(&d, "causal", 0);
+    CHECK(fm_generator_name(g, &d, err, sizeof err) != FM_OK && strstr(err, "missing"),
+          "a configuration without block_m named: %s", d.name);
+}
+
 int main(void) {
     test_ptxas_log();
     char err[1024] = "";
     fm_generator *g = NULL;
     CHECK(fm_generator_open(&g, err, sizeof err) == FM_OK, "open: %s", err);
     if (!g) return fm_check_report();
+    test_stored_before_axis(g);
 
     char fams[512] = "";
     CHECK(fm_generator_families(g, "attn_fwd", fams, sizeof fams) == FM_OK, "%s", fams);

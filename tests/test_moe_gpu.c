@@ -405,38 +405,41 @@ typedef struct cfg_spec {
     int bm, bn, bk, stages, warps, group_m, split; /* bk, warps: sm80 only */
     const char *combine;
     const char *pipe; /* sm90 only: "sync" or "ws" */
+    const char *ws_grid; /* sm90 ws only: "persistent" (NULL) or "tiles" */
 } cfg_spec;
 
 /* Every axis value at least once; each is a kept configuration of generator/moe_gemm_sm80.lua
  * or moe_gemm_sm90.lua on an H100 (smaller devices skip what does not fit). */
 static const cfg_spec specs[] = {
-    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot", NULL},
-    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic", NULL},
-    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic", NULL},
-    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot", NULL},
-    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic", NULL},
-    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot", NULL},
-    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic", NULL},
-    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic", NULL},
-    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot", NULL},
-    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot", NULL},
-    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot", "sync"},
-    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic", "sync"},
-    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic", "sync"},
-    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "sync"},
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "sync"},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync"},
+    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot", NULL, NULL},
+    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic", NULL, NULL},
+    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic", NULL, NULL},
+    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot", NULL, NULL},
+    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic", NULL, NULL},
+    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot", NULL, NULL},
+    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic", NULL, NULL},
+    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic", NULL, NULL},
+    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot", NULL, NULL},
+    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot", NULL, NULL},
+    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot", "sync", NULL},
+    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic", "sync", NULL},
+    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic", "sync", NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "sync", NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "sync", NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync", NULL},
 };
 
 /* The warp-specialised sm90 pipeline: both block_n, two and three consumers (block_m 128, 192),
  * stages 3..6, both rasters and combines. */
 static const cfg_spec ws_specs[] = {
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws"},
-    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws"},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws"},
-    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws"},
-    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 8, 1, "slot", "ws"},
-    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws"},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws", NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws", NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws", NULL},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 8, 1, "slot", "ws", NULL},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles"},
+    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles"},
 };
 
 static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_loaded **k) {
@@ -450,6 +453,7 @@ static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_
     fm_config_set_int(&c, "block_n", sp->bn);
     if (!sm90) fm_config_set_int(&c, "block_k", sp->bk);
     if (sm90) fm_config_set_str(&c, "pipe", sp->pipe);
+    if (sm90) fm_config_set_str(&c, "ws_grid", sp->ws_grid ? sp->ws_grid : "persistent");
     fm_config_set_int(&c, "stages", sp->stages);
     if (!sm90) fm_config_set_int(&c, "warps", sp->warps);
     fm_config_set_int(&c, "group_m", sp->group_m);

@@ -139,8 +139,8 @@ return {
   -- m = T*K / experts hit: up to 64 the layer streams weights: one warpgroup of 64 rows,
   -- 64 x 128 tiles, 4 stages (99 KB: two CTAs per SM keep ~190 KB of loads in flight), and
   -- split-K on gemm2 when its grid would not cover the SMs. Above, the 128 x 256 tile of two
-  -- warpgroups (128 accumulators per thread, 4 stages = 197 KB): 2*128*256*64 FLOP per 48 KB
-  -- stage, 85 FLOP/B, enough for the tensor cores to outrun L2.
+  -- warpgroups (128 accumulators per thread, 3 stages = 146 KB): 2*128*256*64 FLOP per 48 KB
+  -- stage, 85 FLOP/B.
   default = function(p, lim)
     local t, e, k, h = p.t or 1, p.e or 8, p.k or 1, p.h or 4096
     local sms = p.sms or 132
@@ -148,8 +148,9 @@ return {
     local rows = t * k / hit
     local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent" }
     -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
-    -- tile won every bucket from T=1024 (32 rows per expert) up; the weight-streaming 64-row
-    -- tile won at T=16 (0.5 rows per expert).
+    -- tile won every bucket from T=1024 (32 rows per expert) up, launched one CTA per tile;
+    -- three stages and group_m 8 were within 2% of each bucket's best (T = 1024, 4096, 16384);
+    -- the weight-streaming 64-row tile won at T=16 (0.5 rows per expert).
     if rows <= 16 then
       c.block_m, c.block_n, c.stages = 64, 128, 4
       local ctas = math.max(1, hit) * ((h + c.block_n - 1) // c.block_n)
@@ -159,7 +160,8 @@ return {
       end
       if c.split_k > 1 then c.combine = "atomic" end
     else
-      c.pipe, c.block_m, c.block_n, c.stages, c.group_m = "ws", 128, 256, 4, 1
+      c.pipe, c.block_m, c.block_n, c.stages, c.group_m = "ws", 128, 256, 3, 8
+      c.ws_grid = "tiles"
     end
     while c.stages > 3 and lim.smem_per_block and smem(c) > lim.smem_per_block do
       c.stages = c.stages - 1

@@ -6,6 +6,7 @@
 #include "check.h"
 #include "internal.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -116,6 +117,52 @@ static void test_stored_before_axis(fm_generator *g) {
           "a configuration without block_m named: %s", d.name);
 }
 
+/* Every configuration the shipped database serves still names as stored and renders: axes added
+ * since it was tuned must keep its entries valid (else the runtime silently falls back to the
+ * default for those shapes). */
+typedef struct shipped_acc {
+    fm_generator *g;
+    int n;
+} shipped_acc;
+
+static int check_shipped_best(void *user, const fm_db_best *b) {
+    shipped_acc *sa = (shipped_acc *)user;
+    char err[1024] = "";
+    fm_config c;
+    memset(&c, 0, sizeof c);
+    snprintf(c.family, sizeof c.family, "%s", b->family);
+    CHECK(fm_config_parse_params(&c, b->params) == 0, "%s: params %s", b->config_name, b->params);
+    fm_status s = fm_generator_name(sa->g, &c, err, sizeof err);
+    CHECK(s == FM_OK && strcmp(c.name, b->config_name) == 0, "%s (%s %s) names as %s: %s",
+          b->config_name, b->device_name, b->shape, c.name, err);
+    fm_rendered r;
+    memset(&r, 0, sizeof r);
+    CHECK(fm_generator_render(sa->g, &c, &r, err, sizeof err) == FM_OK, "%s: %s", b->config_name,
+          err);
+    fm_rendered_free(&r);
+    sa->n++;
+    return 0;
+}
+
+static void test_shipped_db(fm_generator *g) {
+    const char *path = getenv("FLASHMOE_SHIPPED_DB");
+    if (!path || !*path) {
+        printf("shipped database: FLASHMOE_SHIPPED_DB not set, not checked\n");
+        return;
+    }
+    char err[1024] = "";
+    fm_db *db = NULL;
+    CHECK(fm_db_open(&db, path, FM_DB_READONLY, err, sizeof err) == FM_OK, "%s: %s", path, err);
+    if (!db) return;
+    shipped_acc sa = {g, 0};
+    CHECK(fm_db_foreach_best(db, NULL, NULL, NULL, check_shipped_best, &sa, err, sizeof err) ==
+              FM_OK,
+          "%s", err);
+    CHECK(sa.n > 0, "the shipped database %s has no best entries", path);
+    printf("shipped database: %d best entries name and render\n", sa.n);
+    fm_db_close(db);
+}
+
 int main(void) {
     test_ptxas_log();
     char err[1024] = "";
@@ -123,6 +170,7 @@ int main(void) {
     CHECK(fm_generator_open(&g, err, sizeof err) == FM_OK, "open: %s", err);
     if (!g) return fm_check_report();
     test_stored_before_axis(g);
+    test_shipped_db(g);
 
     char fams[512] = "";
     CHECK(fm_generator_families(g, "attn_fwd", fams, sizeof fams) == FM_OK, "%s", fams);

@@ -83,16 +83,21 @@ static void test_ptxas_log(void) {
           b.spill_loads, b.stack_bytes, b.static_smem);
 }
 
+/* The problem part of an sm90 attention configuration (bf16, d128, not causal). */
+static void attn_sm90_problem(fm_config *c) {
+    memset(c, 0, sizeof *c);
+    snprintf(c->family, sizeof c->family, "attn_fwd_sm90");
+    fm_config_set_str(c, "dtype", "bf16");
+    fm_config_set_int(c, "head_dim", 128);
+    fm_config_set_int(c, "causal", 0);
+}
+
 /* A configuration stored before an axis existed (its parameters lack it) still names and renders
  * as the same kernel: the axis declares the default it implicitly had. */
 static void test_stored_before_axis(fm_generator *g) {
     char err[1024] = "";
     fm_config c;
-    memset(&c, 0, sizeof c);
-    snprintf(c.family, sizeof c.family, "attn_fwd_sm90");
-    fm_config_set_str(&c, "dtype", "bf16");
-    fm_config_set_int(&c, "head_dim", 128);
-    fm_config_set_int(&c, "causal", 0);
+    attn_sm90_problem(&c);
     const char *ax[][2] = {{"block_m", "128"}, {"block_n", "128"}, {"stages", "2"},
                            {"consumer_wgs", "2"}, {"pingpong", "1"}, {"intra_overlap", "1"},
                            {"persistent", "1"}, {"producer_regs", "24"}};
@@ -108,11 +113,7 @@ static void test_stored_before_axis(fm_generator *g) {
     fm_rendered_free(&r);
     /* an axis without a default is still required */
     fm_config d;
-    memset(&d, 0, sizeof d);
-    snprintf(d.family, sizeof d.family, "attn_fwd_sm90");
-    fm_config_set_str(&d, "dtype", "bf16");
-    fm_config_set_int(&d, "head_dim", 128);
-    fm_config_set_int(&d, "causal", 0);
+    attn_sm90_problem(&d);
     CHECK(fm_generator_name(g, &d, err, sizeof err) != FM_OK && strstr(err, "missing"),
           "a configuration without block_m named: %s", d.name);
 }

@@ -32,6 +32,7 @@ expect 2 "--shape is required" -- --gpu auto --db "$db"
 expect 2 "needs a positive integer" -- --gpu auto --shape 1x128x128 --heads -3 --db "$db"
 expect 2 "needs a value" -- --gpu auto --shape
 expect 2 "attn or moe" -- --op conv --gpu auto --shape 1x128x128 --db "$db"
+expect 2 "no variant name contains" -- --gpu auto --shape 1x64x64 --match no_such_variant --db "$db"
 [ -e "$db" ] && bad "a rejected command created $db" || ok
 
 # databases: missing, corrupt (left untouched), not ours
@@ -77,6 +78,11 @@ else
   printf '%s' "$out" | grep -q "0 failed" && ok || bad "no-GPU tune had compile failures: $out"
   printf '%s' "$out" | tail -n 1 | grep -q "no GPU to measure on" && ok || bad "no one-line reason last: $out"
   [ -e "$db" ] && bad "a run without a GPU created $db" || ok
+  # --match keeps only the named variants (here the two-CTAs-per-SM ones of the Hopper family)
+  out=$("$fmtune" --gpu h100 --shape 1x100x64 --causal --families attn_fwd_sm90 --match _x2 --db "$db" 2>&1); rc=$?
+  [ $rc = 1 ] && ok || bad "no-GPU --match tune exited $rc: $out"
+  printf '%s' "$out" | grep -q -- "--match _x2: [1-9][0-9]* of [1-9][0-9]* variants" && ok || bad "--match did not report its filter: $out"
+  printf '%s' "$out" | grep -q "would time [1-9][0-9]* variants" && ok || bad "--match: nothing left to time: $out"
 fi
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]

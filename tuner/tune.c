@@ -782,7 +782,10 @@ int fm_tune(const fm_tune_opts *o) {
             return FM_EXIT_USAGE;
         }
     }
-    if (o->max_variants > 0 && nv > o->max_variants) nv = o->max_variants;
+    if (o->max_variants > 0 && nv > o->max_variants) {
+        for (int i = o->max_variants; i < nv; i++) fm_rendered_free(&v[i].r);
+        nv = o->max_variants;
+    }
 
     /* database: opened for writing only when there is something to measure */
     recorder rc;

@@ -542,6 +542,26 @@ fm_status fm_db_check(fm_db *db, int full, char *err, size_t errlen) {
 /* ---- writing ------------------------------------------------------------------------------- */
 static int len_ok(const char *s, size_t max) { return s && *s && strlen(s) < max; }
 
+/* The end of a single-row upsert in its own write transaction: steps the bound INSERT ...
+ * RETURNING id statement (s: how preparing and binding went), finalizes it, and commits or rolls
+ * back. */
+static fm_status finish_upsert(fm_db *db, sqlite3_stmt *st, fm_status s, long long *id,
+                               const char *what, char *err, size_t errlen) {
+    if (s == FM_OK) {
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            if (id) *id = sqlite3_column_int64(st, 0);
+        } else {
+            s = sqlfail(db, err, errlen, what);
+        }
+    }
+    sqlite3_finalize(st);
+    if (s != FM_OK) {
+        rollback(db);
+        return s;
+    }
+    return commit(db, err, errlen);
+}
+
 fm_status fm_db_upsert_device(fm_db *db, const fm_db_device *d, long long *id, char *err,
                               size_t errlen) {
     if (!db || !d || !memchr(d->name, 0, sizeof d->name) || !d->name[0])
@@ -564,18 +584,8 @@ fm_status fm_db_upsert_device(fm_db *db, const fm_db_device *d, long long *id, c
         bind_count(st, 5, d->mem_bytes);
         bind_count(st, 6, d->driver_version);
         bind_count(st, 7, d->nvrtc_version);
-        if (sqlite3_step(st) == SQLITE_ROW) {
-            if (id) *id = sqlite3_column_int64(st, 0);
-        } else {
-            s = sqlfail(db, err, errlen, "cannot record device");
-        }
-        sqlite3_finalize(st);
     }
-    if (s != FM_OK) {
-        rollback(db);
-        return s;
-    }
-    return commit(db, err, errlen);
+    return finish_upsert(db, st, s, id, "cannot record device", err, errlen);
 }
 
 fm_status fm_db_upsert_config(fm_db *db, const char *family, const char *name, const char *params,
@@ -602,18 +612,8 @@ fm_status fm_db_upsert_config(fm_db *db, const char *family, const char *name, c
         sqlite3_bind_text(st, 2, name, -1, SQLITE_TRANSIENT);
         sqlite3_bind_text(st, 3, params, -1, SQLITE_TRANSIENT);
         sqlite3_bind_text(st, 4, template_hash ? template_hash : "", -1, SQLITE_TRANSIENT);
-        if (sqlite3_step(st) == SQLITE_ROW) {
-            if (id) *id = sqlite3_column_int64(st, 0);
-        } else {
-            s = sqlfail(db, err, errlen, "cannot record configuration");
-        }
-        sqlite3_finalize(st);
     }
-    if (s != FM_OK) {
-        rollback(db);
-        return s;
-    }
-    return commit(db, err, errlen);
+    return finish_upsert(db, st, s, id, "cannot record configuration", err, errlen);
 }
 
 void fm_db_measurement_init(fm_db_measurement *m) {

@@ -28,9 +28,10 @@ local REGS_PER_SM = 65536
 --        for short sequences, where a tile is mostly prologue (Q and first K copies), a short
 --        dependent chain of products and softmax, and epilogue, one CTA leaves the tensor cores
 --        idle between tiles; a second resident CTA fills those gaps (bench/NOTES.md, v4).
---        Measured on H200 over the whole grid: the d64 pair won causal S = 512; at d128 the
---        two-CTA tiles (64x64 and 64x80) were never within 5% of the two-consumer 128x128, so
---        they are not in the table.
+--        Measured on H200 over the whole grid: the d64 pair came within 4% of the best at causal
+--        S = 512 (the best there is 128x128 with a second Q slot); at d128 the two-CTA tiles
+--        (64x64 and 64x80) were never within 5% of the two-consumer 128x128, so they are not in
+--        the table.
 local TILES = {
   [64] = { { 192, 128, 3, 1 }, { 128, 192, 3, 1 }, { 128, 128, 3, 1 }, { 128, 128, 5, 1 },
            { 64, 128, 3, 1 },

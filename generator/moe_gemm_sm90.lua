@@ -149,7 +149,7 @@ return {
     local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent" }
     -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
     -- tile won every bucket from T=1024 (32 rows per expert) up, launched one CTA per tile;
-    -- three stages and group_m 8 were within 2% of each bucket's best (T = 1024, 4096, 16384);
+    -- three stages and group_m 8 were within 3% of each bucket's best (T = 1024, 4096, 16384);
     -- the weight-streaming 64-row tile won at T=16 (0.5 rows per expert).
     if rows <= 16 then
       c.block_m, c.block_n, c.stages = 64, 128, 4

@@ -208,6 +208,10 @@ fm_status fm_select(fm_context *ctx, const char *op, const char *dtype, const ch
  * e/k/h/i only; |log2(T/T')| otherwise). */
 void fm_moe_shape(const fm_moe_args *a, char *buf, size_t len);
 double fm_moe_distance(const char *want, const char *have);
+/* The routing kernel's parameters from the caller's arguments: mode, the defaults of n_group,
+ * topk_group and the scaling factor. Output pointers are left NULL. The tuner's reference
+ * routes with the same values. */
+void fm_moe_route_setup(const fm_moe_args *a, fm_moe_route_params *rp);
 /* Problem bag handed to the generator's `default`: dtype, t, e, k, h, i, sms. */
 void fm_moe_problem(const fm_context *ctx, const fm_moe_args *a, fm_config *problem);
 /* The GEMM configuration fm_moe_fwd would use (tuned exact, nearest T bucket, or default). */

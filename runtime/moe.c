@@ -225,6 +225,21 @@ double fm_moe_distance(const char *want, const char *have) {
     return fabs(log2((double)w[0] / (double)h[0]));
 }
 
+void fm_moe_route_setup(const fm_moe_args *a, fm_moe_route_params *rp) {
+    memset(rp, 0, sizeof *rp);
+    const int sigmoid = a->routing == FM_MOE_ROUTING_SIGMOID_GROUPED;
+    rp->logits = a->router_logits;
+    rp->bias = sigmoid ? a->correction_bias : NULL;
+    rp->tokens = a->tokens;
+    rp->experts = a->experts;
+    rp->topk = a->topk;
+    rp->routing = sigmoid ? FM_MOE_ROUTE_SIGMOID : FM_MOE_ROUTE_SOFTMAX;
+    rp->renormalize = a->renormalize ? 1 : 0;
+    rp->n_group = a->n_group <= 1 ? 1 : a->n_group;
+    rp->topk_group = rp->n_group == 1 ? 1 : a->topk_group;
+    rp->scale = a->routed_scaling_factor != 0.0f ? a->routed_scaling_factor : 1.0f;
+}
+
 void fm_moe_problem(const fm_context *ctx, const fm_moe_args *a, fm_config *problem) {
     memset(problem, 0, sizeof *problem);
     fm_config_set_str(problem, "dtype", dtype_name(a->dtype));
@@ -411,20 +426,9 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const long long m_tiles = tiles_bound(a, bm);
 
     fm_moe_route_params rp;
-    memset(&rp, 0, sizeof rp);
-    rp.logits = a->router_logits;
-    rp.bias = a->routing == FM_MOE_ROUTING_SIGMOID_GROUPED ? a->correction_bias : NULL;
+    fm_moe_route_setup(a, &rp);
     rp.topk_ids = ids;
     rp.topk_weights = weights;
-    rp.tokens = T;
-    rp.experts = E;
-    rp.topk = K;
-    rp.routing = a->routing == FM_MOE_ROUTING_SIGMOID_GROUPED ? FM_MOE_ROUTE_SIGMOID
-                                                              : FM_MOE_ROUTE_SOFTMAX;
-    rp.renormalize = a->renormalize ? 1 : 0;
-    rp.n_group = a->n_group <= 1 ? 1 : a->n_group;
-    rp.topk_group = rp.n_group == 1 ? 1 : a->topk_group;
-    rp.scale = a->routed_scaling_factor != 0.0f ? a->routed_scaling_factor : 1.0f;
 
     fm_moe_align_params ap;
     memset(&ap, 0, sizeof ap);

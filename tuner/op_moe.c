@@ -228,28 +228,30 @@ static fm_status moe_setup(fm_context *ctx, const fm_problem *prob, void **state
     a->workspace = (void *)(uintptr_t)st->ws;
     a->workspace_bytes = ws_bytes;
 
+    /* Routing options exactly as the library passes them to its own routing kernel. */
+    fm_moe_route_params route;
+    fm_moe_route_setup(a, &route);
     fm_moe_ref_params rp;
     memset(&rp, 0, sizeof rp);
     rp.hidden = a->hidden_states;
-    rp.logits = a->router_logits;
-    rp.bias = a->routing == FM_MOE_ROUTING_SIGMOID_GROUPED ? a->correction_bias : NULL;
+    rp.logits = route.logits;
+    rp.bias = route.bias;
     rp.w13 = a->w13;
     rp.w2 = a->w2;
     rp.ids = (int *)(uintptr_t)st->ref_ids;
     rp.weights = (float *)(uintptr_t)st->ref_weights;
     rp.inter = (float *)(uintptr_t)st->ref_inter;
     rp.out = (float *)(uintptr_t)st->ref_out;
-    rp.tokens = a->tokens;
+    rp.tokens = route.tokens;
     rp.hidden_size = a->hidden;
     rp.inter_size = a->intermediate;
-    rp.experts = a->experts;
-    rp.topk = a->topk;
-    rp.routing = a->routing == FM_MOE_ROUTING_SIGMOID_GROUPED ? FM_MOE_ROUTE_SIGMOID
-                                                              : FM_MOE_ROUTE_SOFTMAX;
-    rp.renormalize = a->renormalize ? 1 : 0;
-    rp.n_group = a->n_group <= 1 ? 1 : a->n_group;
-    rp.topk_group = rp.n_group == 1 ? 1 : a->topk_group;
-    rp.scale = a->routed_scaling_factor != 0.0f ? a->routed_scaling_factor : 1.0f;
+    rp.experts = route.experts;
+    rp.topk = route.topk;
+    rp.routing = route.routing;
+    rp.renormalize = route.renormalize;
+    rp.n_group = route.n_group;
+    rp.topk_group = route.topk_group;
+    rp.scale = route.scale;
     void *argv[] = {&rp};
     CK(d->cuLaunchKernel(ref->fn, (unsigned)((T + 255) / 256), 1, 1, 256, 1, 1, 0, NULL, argv,
                          NULL),

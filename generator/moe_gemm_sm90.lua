@@ -45,12 +45,6 @@ return {
     -- tiles of one expert) drift apart over their rounds, while CTAs launched per tile start in
     -- raster order, side by side, every time.
     { name = "ws_grid", values = { "persistent", "tiles" }, default = "persistent" },
-    -- pipe = ws with ws_grid = tiles: 2 runs the tile pairs of the alignment's pair table as
-    -- two-CTA clusters; where both tiles belong to one expert, each CTA loads half of the weight
-    -- tile and the copy engine multicasts it to both. At T = 4096 (DeepSeek-V3, ~128 rows per
-    -- expert) the 128 x 256 GEMMs move ~6 TB/s from L2 into shared memory, about the most an
-    -- H200's L2 gives, and the weights are two thirds of those bytes.
-    { name = "cluster", values = { 1, 2 }, default = 1 },
   },
 
   constraints = {
@@ -81,15 +75,6 @@ return {
     {
       reason = "ws_grid is for pipe = ws (the sync pipeline always launches one CTA per tile)",
       check = function(c) return c.pipe == "ws" or c.ws_grid == "persistent" end,
-    },
-    {
-      reason = "cluster = 2 is for pipe = ws with ws_grid = tiles (one tile pair per cluster)",
-      check = function(c) return c.cluster == 1 or (c.pipe == "ws" and c.ws_grid == "tiles") end,
-    },
-    {
-      -- ptxas: three 160-register consumers spill ~600 bytes with the cluster's extra state.
-      reason = "cluster = 2 takes block_m = 128 (192 spills)",
-      check = function(c) return c.cluster == 1 or c.block_m == 128 end,
     },
     {
       reason = "pipe = ws takes block_n = 128 or 256",
@@ -134,7 +119,7 @@ return {
   name_of = function(c)
     return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s%s", c.dtype, c.block_m,
       c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "ws" and "_ws" or "")
-      .. (c.ws_grid == "tiles" and "_tiles" or "") .. (c.cluster == 2 and "_c2" or "")
+      .. (c.ws_grid == "tiles" and "_tiles" or "")
   end,
 
   defines = function(c)
@@ -144,7 +129,6 @@ return {
       FM_BLOCK_N = c.block_n,
       FM_STAGES = c.stages,
       FM_MOE_WS = c.pipe == "ws" and 1 or 0,
-      FM_CLUSTER = c.cluster,
     }
   end,
 
@@ -162,8 +146,7 @@ return {
     local sms = p.sms or 132
     local hit = math.min(e, t * k)
     local rows = t * k / hit
-    local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent",
-                cluster = 1 }
+    local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent" }
     -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
     -- tile won every bucket from T=1024 (32 rows per expert) up, launched one CTA per tile;
     -- three stages and group_m 8 were within 3% of each bucket's best (T = 1024, 4096, 16384);

@@ -21,9 +21,8 @@
  *
  * Workspace (config-independent, so its size never depends on what the database holds; each
  * region starts on a 256-byte boundary):
- *   ids [T*K] i32 | weights [T*K] f32 | counts [E] i32 | offsets [E+1] i32 |
- *   num_tiles, num_pairs [2] i32 | sorted_slot [R] i32 | tile_expert [M] i32 |
- *   tile_pair [M + 1] i32 | intermediate [R, I] 16-bit |
+ *   ids [T*K] i32 | weights [T*K] f32 | counts [E] i32 | offsets [E+1] i32 | num_tiles [1] i32 |
+ *   sorted_slot [R] i32 | tile_expert [M] i32 | intermediate [R, I] 16-bit |
  *   buffer max(T*K*H*2, T*H*4) bytes (slot rows, or the fp32 accumulator)
  * with R = T*K + min(E, T*K) * (MAX_BLOCK_M - 1) (rows grow with BM) and
  *      M = floor((T*K + min(E, T*K) * (MIN_BLOCK_M - 1)) / MIN_BLOCK_M) (tiles shrink with BM).
@@ -102,8 +101,7 @@ static fm_status check_ptr(const fm_context *ctx, const void *p, const char *nam
 }
 
 typedef struct moe_layout {
-    size_t ids, weights, counts, offsets, num_tiles, sorted, tile_expert, tile_pair, inter, buf,
-        total;
+    size_t ids, weights, counts, offsets, num_tiles, sorted, tile_expert, inter, buf, total;
     long long max_rows, max_tiles;
 } moe_layout;
 
@@ -140,8 +138,6 @@ static void layout_of(const fm_moe_args *a, moe_layout *l) {
     off += up256((size_t)l->max_rows * 4);
     l->tile_expert = off;
     off += up256((size_t)l->max_tiles * 4);
-    l->tile_pair = off; /* 2 * pairs <= tiles + 1 entries */
-    off += up256(((size_t)l->max_tiles + 1) * 4);
     l->inter = off;
     off += up256((size_t)l->max_rows * I * 2);
     l->buf = off;
@@ -315,11 +311,9 @@ fm_status fm_moe_choose(fm_context *ctx, const fm_moe_args *a, fm_config *cfg,
  * the same bn/2 columns, and rows past I in a tail tile are zeros rather than the next half;
  * gemm2 reads w2 [E, H, I] as (I, H, E, 1) in boxes (64, bn, 1, 1) and the intermediate
  * [rows, I] as (I, rows, 1, 1) in boxes (64, 128, 1, 1). gemm1's A rows are gathered by the
- * kernel itself; its first map argument is a copy of the second, never read. With cluster = 2
- * the weight boxes are halved ((64, bn/2, 1, 1) both): each CTA of a pair loads one half and
- * multicasts it, or both halves itself when its partner needs other weights. */
+ * kernel itself; its first map argument is a copy of the second, never read. */
 static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inter,
-                         long long inter_rows, int bm, int bn, int cluster, CUtensorMap m1[2],
+                         long long inter_rows, int bm, int bn, CUtensorMap m1[2],
                          CUtensorMap m2[2]) {
     const cuuint64_t H = (cuuint64_t)a->hidden, I = (cuuint64_t)a->intermediate;
     const cuuint64_t E = (cuuint64_t)a->experts;
@@ -329,7 +323,7 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
     {
         const cuuint64_t dims[4] = {H, I, 2, E};
         const cuuint64_t st[3] = {H * 2, I * H * 2, 2 * I * H * 2};
-        const cuuint32_t box[4] = {64, (cuuint32_t)(bn / 2), cluster == 2 ? 1 : 2, 1};
+        const cuuint32_t box[4] = {64, (cuuint32_t)(bn / 2), 2, 1};
         s = fm_tma_encode_4d(ctx, &m1[1], "moe: tensor map of w13", a->dtype, a->w13, dims, st,
                              box);
         if (s != FM_OK) return s;
@@ -338,7 +332,7 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
     {
         const cuuint64_t dims[4] = {I, H, E, 1};
         const cuuint64_t st[3] = {I * 2, H * I * 2, E * H * I * 2};
-        const cuuint32_t box[4] = {64, (cuuint32_t)(cluster == 2 ? bn / 2 : bn), 1, 1};
+        const cuuint32_t box[4] = {64, (cuuint32_t)bn, 1, 1};
         s = fm_tma_encode_4d(ctx, &m2[1], "moe: tensor map of w2", a->dtype, a->w2, dims, st, box);
         if (s != FM_OK) return s;
     }
@@ -409,12 +403,10 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const int ws_pipe = pipe && strcmp(pipe, "ws") == 0; /* moe_gemm_sm90 pipe = ws */
     const char *ws_grid = fm_config_str(cfg, "ws_grid");
     const int ws_tiles = ws_grid && strcmp(ws_grid, "tiles") == 0; /* one CTA per tile */
-    const int cluster = (int)fm_config_int(cfg, "cluster", 1); /* ws + tiles: CTA pairs */
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
         a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
         (ws_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
-                     (bn != 128 && bn != 256))) ||
-        (cluster != 1 && (cluster != 2 || !ws_pipe || !ws_tiles)))
+                     (bn != 128 && bn != 256))))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -427,8 +419,6 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     int *ids = a->topk_ids ? (int *)a->topk_ids : (int *)(ws + l.ids);
     float *weights = a->topk_weights ? a->topk_weights : (float *)(ws + l.weights);
     int *num_tiles = (int *)(ws + l.num_tiles);
-    int *num_pairs = num_tiles + 1;
-    int *tile_pair = (int *)(ws + l.tile_pair);
     int *sorted = (int *)(ws + l.sorted);
     int *tile_expert = (int *)(ws + l.tile_expert);
     void *inter = ws + l.inter;
@@ -446,8 +436,6 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     ap.sorted_slot = sorted;
     ap.tile_expert = tile_expert;
     ap.num_tiles = num_tiles;
-    ap.tile_pair = tile_pair;
-    ap.num_pairs = num_pairs;
     ap.expert_counts = (int *)(ws + l.counts);
     ap.expert_offsets = (int *)(ws + l.offsets);
     ap.slots = T * K;
@@ -463,8 +451,6 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     g1.sorted_slot = sorted;
     g1.tile_expert = tile_expert;
     g1.num_tiles = num_tiles;
-    g1.tile_pair = tile_pair;
-    g1.num_pairs = num_pairs;
     g1.slot_weight = weights;
     g1.b_expert_stride = 2LL * I * H;
     g1.n = I;
@@ -515,14 +501,10 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     CUtensorMap m1[2], m2[2];
     long long g1_grid = g1_ctas, g2_grid = g2_ctas;
     if (ws_pipe) {
-        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, cluster, m1, m2)) != FM_OK) return s;
+        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, m1, m2)) != FM_OK) return s;
         const long long sms = ctx->sm_count > 0 ? ctx->sm_count : 1;
         if (!ws_tiles && g1_grid > sms) g1_grid = sms;
         if (!ws_tiles && g2_grid > sms) g2_grid = sms;
-        if (cluster == 2) { /* one cluster of two CTAs per tile pair of the bound */
-            g1_grid = 2 * ((m_tiles + 1) / 2) * g1.n_tiles;
-            g2_grid = 2 * ((m_tiles + 1) / 2) * g2.n_tiles;
-        }
     }
 
     if ((s = fm_context_enter(ctx)) != FM_OK) return s;

@@ -5,9 +5,7 @@
  * Outputs (see common/moe_params.h): expert_counts[e]; expert_offsets[e] = first padded row of
  * expert e (each range rounded up to block_m rows), expert_offsets[E] = total rows;
  * sorted_slot[row] = slot id (token * K + k) or -1 for the padding rows of every expert;
- * tile_expert[i] = expert of the i-th block_m-row tile; num_tiles = total rows / block_m;
- * the pair table tile_pair / num_pairs (moe_params.h) for the GEMMs that run a tile pair per
- * cluster.
+ * tile_expert[i] = expert of the i-th block_m-row tile; num_tiles = total rows / block_m.
  * Rows past the total are not written: the GEMMs never read them (their tiles exit early).
  * Within one expert the order of slots is whatever the atomics give; each row of the GEMMs is
  * computed independently of the others, so the results do not depend on it.
@@ -58,9 +56,6 @@ fm_moe_align(const fm_moe_align_params p) {
     __shared__ int s_count[kE];
     __shared__ int s_off[kE + 1];
     __shared__ int s_cursor[kE];
-    __shared__ int s_pair[kE];   /* first same-expert pair of each expert */
-    __shared__ int s_single[kE]; /* index of its leftover single tile among all singles */
-    __shared__ int s_pairs_total;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
@@ -85,49 +80,28 @@ fm_moe_align(const fm_moe_align_params p) {
     if (warp == 0) {
         constexpr int kPer = kE / 32;
         int padded[kPer];
-        int run = 0, run_pairs = 0, run_singles = 0;
+        int run = 0;
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
             const int e = lane * kPer + j;
             const int c = e < E ? s_count[e] : 0;
             padded[j] = (c + BM - 1) / BM * BM;
             run += padded[j];
-            run_pairs += padded[j] / BM / 2;
-            run_singles += padded[j] / BM % 2;
         }
-        /* inclusive scans of the lane totals */
-        int incl = run, incl_pairs = run_pairs, incl_singles = run_singles;
+        int incl = run; /* inclusive scan of the lane totals */
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
             const int v = __shfl_up_sync(0xffffffffu, incl, off);
-            const int vp = __shfl_up_sync(0xffffffffu, incl_pairs, off);
-            const int vs = __shfl_up_sync(0xffffffffu, incl_singles, off);
-            if (lane >= off) {
-                incl += v;
-                incl_pairs += vp;
-                incl_singles += vs;
-            }
+            if (lane >= off) incl += v;
         }
-        int start = incl - run, pair = incl_pairs - run_pairs, single = incl_singles - run_singles;
+        int start = incl - run;
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
             const int e = lane * kPer + j;
-            if (e < E) {
-                s_off[e] = start;
-                s_pair[e] = pair;
-                s_single[e] = single;
-            }
+            if (e < E) s_off[e] = start;
             start += padded[j];
-            pair += padded[j] / BM / 2;
-            single += padded[j] / BM % 2;
         }
-        if (lane == 31) {
-            s_off[E] = incl;
-            s_pairs_total = incl_pairs;
-            /* single tiles two by two after the same-expert pairs */
-            *p.num_pairs = incl_pairs + (incl_singles + 1) / 2;
-            if (incl_singles % 2) p.tile_pair[2 * incl_pairs + incl_singles] = -1;
-        }
+        if (lane == 31) s_off[E] = incl;
     }
     __syncthreads();
 
@@ -153,18 +127,6 @@ fm_moe_align(const fm_moe_align_params p) {
                 hi = mid - 1;
         }
         p.tile_expert[i] = lo;
-    }
-
-    /* ---- pair table: an expert's tiles two by two, then its odd one among the singles ---- */
-    /* (2 * pairs - 1 <= tiles <= max_tiles entries: the host sized the table max_tiles + 1) */
-    for (int e = tid; e < E; e += kThreads) {
-        const int first = s_off[e] / BM, n = (s_off[e + 1] - s_off[e]) / BM;
-        for (int j = 0; j + 1 < n && first + j + 1 < p.max_tiles; j += 2) {
-            p.tile_pair[2 * (s_pair[e] + j / 2)] = first + j;
-            p.tile_pair[2 * (s_pair[e] + j / 2) + 1] = first + j + 1;
-        }
-        if (n % 2 && first + n - 1 < p.max_tiles)
-            p.tile_pair[2 * s_pairs_total + s_single[e]] = first + n - 1;
     }
 
     /* ---- padding rows: one warp per expert, lanes over its (fewer than BM) padding rows ---- */

@@ -405,7 +405,7 @@ typedef struct cfg_spec {
     int bm, bn, bk, stages, warps, group_m, split; /* bk, warps: sm80 only */
     const char *combine;
     const char *pipe; /* sm90 only: "sync" or "ws" */
-    const char *ws_grid; /* sm90 ws only: "persistent" (NULL), "tiles" or "tiles_c2" */
+    const char *ws_grid; /* sm90 ws only: "persistent" (NULL) or "tiles" */
 } cfg_spec;
 
 /* Every axis value at least once; each is a kept configuration of generator/moe_gemm_sm80.lua
@@ -440,8 +440,6 @@ static const cfg_spec ws_specs[] = {
     {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL},
     {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles"},
     {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles"},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles_c2"},
-    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles_c2"},
 };
 
 static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_loaded **k) {
@@ -455,12 +453,7 @@ static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_
     fm_config_set_int(&c, "block_n", sp->bn);
     if (!sm90) fm_config_set_int(&c, "block_k", sp->bk);
     if (sm90) fm_config_set_str(&c, "pipe", sp->pipe);
-    if (sm90) { /* "tiles_c2": one CTA per tile, tile pairs as two-CTA clusters */
-        const char *g = sp->ws_grid ? sp->ws_grid : "persistent";
-        int c2 = strcmp(g, "tiles_c2") == 0;
-        fm_config_set_str(&c, "ws_grid", c2 ? "tiles" : g);
-        fm_config_set_int(&c, "cluster", c2 ? 2 : 1);
-    }
+    if (sm90) fm_config_set_str(&c, "ws_grid", sp->ws_grid ? sp->ws_grid : "persistent");
     fm_config_set_int(&c, "stages", sp->stages);
     if (!sm90) fm_config_set_int(&c, "warps", sp->warps);
     fm_config_set_int(&c, "group_m", sp->group_m);

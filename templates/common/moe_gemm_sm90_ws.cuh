@@ -48,17 +48,6 @@
  * producer has signalled every stage up to j - 1 - LAG >= j - STAGES + 1, which includes the
  * stage j - STAGES the consumers must finish first.
  *
- * Clusters (FM_CLUSTER = 2, with one CTA per tile only): the CTAs of a cluster take the two M
- * tiles of one entry of the alignment kernel's pair table and the same N tile. Where both tiles
- * belong to one expert (they need the same weight tile) each CTA's producer loads one half of
- * the weight box and the copy engine multicasts it into both CTAs' stages: the weights cross
- * L2 -> SM once for two tiles, and the two CTAs run in lock-step, so the second read never
- * misses L2 either. A stage is then free only when the consumers of both CTAs have released it:
- * each consumer warp arrives on its own empty barrier and on the peer's (counts doubled). Pairs
- * of single tiles of different experts load both halves themselves and ignore each other.
- * The cluster syncs once after the barriers are initialised (no multicast into a barrier that
- * does not exist yet) and once before exit (no arrival on the barrier of a CTA that is gone).
- *
  * Persistent order: tile t (of num_tiles * n_tiles, num_tiles read from the device) is
  * rasterised in groups of group_m M-tiles walking the N tiles together, M fastest. The ~132
  * CTAs in flight then cover a band of consecutive M-tiles (one or two per expert at T = 4096)
@@ -67,12 +56,6 @@
  */
 #pragma once
 
-#ifndef FM_CLUSTER
-#define FM_CLUSTER 1
-#endif
-#if FM_CLUSTER != 1 && FM_CLUSTER != 2
-#error "FM_CLUSTER is 1 or 2"
-#endif
 #if FM_BLOCK_M != 128 && FM_BLOCK_M != 192
 #error "the warp-specialised MoE GEMM takes BLOCK_M = 128 or 192 (two or three consumer warpgroups of 64 rows)"
 #endif
@@ -120,7 +103,6 @@ static __device__ __forceinline__ int fm_ld_shared_s32(unsigned addr) {
 constexpr int kBM = FM_BLOCK_M, kBN = FM_BLOCK_N, kBK = 64;
 constexpr int kConsumers = FM_WS_CONSUMERS;
 constexpr int kStages = FM_STAGES;
-constexpr int kCluster = FM_CLUSTER;
 constexpr int kLag = kStages - 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kRowBytes = kBK * 2;            /* 128 */
@@ -155,30 +137,10 @@ static __device__ __forceinline__ void raster(int t, int m_tiles, int n_tiles, i
     n_tile = local / rows;
 }
 
-/* Which tiles a CTA works on: t = blockIdx.x / kCluster, then every gridDim.x further while
- * t < total (with clusters the grid has one cluster per tile pair of the bound: one round),
- * each resolved to (m_tile, n_tile); m_tile < 0: none (the odd single tile of the pair table
- * has no partner). Kept small: the producer runs on 56 registers. */
-struct work {
-    int units; /* M units rasterised: tiles, or (clusters) pairs of tiles */
-    int total; /* units * n_tiles */
-    bool mc;   /* clusters: this CTA and its peer share the weight tile (multicast) */
-};
-
-static __device__ __forceinline__ void tile_at(const work &w, const fm_moe_gemm_params &p, int t,
-                                               int &m_tile, int &n_tile) {
-    int u;
-    raster(t, w.units, p.n_tiles, p.group_m, u, n_tile);
-    if constexpr (kCluster == 1)
-        m_tile = u;
-    else
-        m_tile = p.tile_pair[2 * u + (int)fm_cluster_rank()];
-}
-
 template <bool GATHER>
 static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const fm_tma_desc *tma_b,
                                                 const fm_moe_gemm_params &p, unsigned s_base,
-                                                const work &w) {
+                                                int m_tiles, int total) {
     const int tid = threadIdx.x; /* 0..127 */
     if (!GATHER && tid != 0) return;
     const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
@@ -189,10 +151,9 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
 
     int it = 0;       /* k-tiles issued by this CTA, over all its tiles */
     int signaled = 0; /* GATHER: k-tiles whose full barrier this thread has arrived on */
-    for (int t = (int)blockIdx.x / kCluster; t < w.total; t += (int)gridDim.x) {
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
         int m_tile, n_tile;
-        tile_at(w, p, t, m_tile, n_tile);
-        if (m_tile < 0) continue;
+        raster(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
         const int expert = p.tile_expert[m_tile];
         const int m0 = m_tile * kBM;
 
@@ -215,30 +176,14 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
             fm_mbar_wait(bar_empty + 8 * s, ph ^ 1u);
             if (tid == 0) {
                 fm_mbar_arrive_expect_tx(bar_full + 8 * s, kTmaBytes);
-                if constexpr (kCluster == 1) {
-                    if (GATHER) /* w13 (H, I, 2, E): gate and up rows of columns n0.. */
-                        fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * (kBN / 2),
-                                       0, expert);
-                    else /* w2 (I, H, E, 1) */
-                        fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * kBN,
-                                       expert, 0);
-                } else {
-                    /* Half boxes (BLOCK_N/2 rows): gemm1's gate half then its up half, gemm2's
-                     * first then second BLOCK_N/2 rows; the same stage layout as one box. */
-                    for (int h = 0; h < 2; ++h) {
-                        if (w.mc && h != (int)fm_cluster_rank()) continue; /* the peer's half */
-                        const unsigned dst = sB + (unsigned)(h * (kBBytes / 2));
-                        const int c1 = GATHER ? n_tile * (kBN / 2) : n_tile * kBN + h * (kBN / 2);
-                        const int c2 = GATHER ? h : expert, c3 = GATHER ? expert : 0;
-                        if (w.mc)
-                            fm_tma_load_4d_multicast(dst, tma_b, bar_full + 8 * s, kt * kBK, c1,
-                                                     c2, c3, (unsigned short)3);
-                        else
-                            fm_tma_load_4d(dst, tma_b, bar_full + 8 * s, kt * kBK, c1, c2, c3);
-                    }
-                }
-                if (!GATHER) /* intermediate (I, rows, 1, 1) */
+                if (GATHER) /* w13 (H, I, 2, E): gate and up rows of columns n0.. */
+                    fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * (kBN / 2), 0,
+                                   expert);
+                else { /* w2 (I, H, E, 1); intermediate (I, rows, 1, 1) */
+                    fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * kBN, expert,
+                                   0);
                     fm_tma_load_4d(sA, tma_a, bar_full + 8 * s, kt * kBK, m0, 0, 0);
+                }
             }
             if (GATHER) {
                 const fm_elem_t *col = A + kt * kBK + ccol * 8;
@@ -270,7 +215,7 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
 
 template <bool GATED>
 static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
-                                                const work &w) {
+                                                int m_tiles, int total) {
     const int cw = threadIdx.x / 128 - 1; /* rows 64cw..64cw+63 of each tile, 0..kConsumers-1 */
     const int wtid = threadIdx.x % 128;
     const int warp = wtid / 32, lane = wtid % 32;
@@ -285,22 +230,11 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
     const unsigned long long b_desc0 = fm_wgmma_desc_sw128(s_base + kABytes, 16, 1024);
     constexpr unsigned kStageDesc = kStageBytes >> 4;
 
-    /* Frees stage s: one arrival per warp here, and on the peer CTA's barrier when its producer
-     * multicasts into this CTA's stage too. */
-    auto release = [&](int s) {
-        if (lane == 0) {
-            fm_mbar_arrive(bar_empty + 8 * s);
-            if (kCluster == 2 && w.mc)
-                fm_mbar_arrive_cluster(bar_empty + 8 * s, fm_cluster_rank() ^ 1u);
-        }
-    };
-
     float acc[kAcc];
     int it = 0;
-    for (int t = (int)blockIdx.x / kCluster; t < w.total; t += (int)gridDim.x) {
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
         int m_tile, n_tile;
-        tile_at(w, p, t, m_tile, n_tile);
-        if (m_tile < 0) continue;
+        raster(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
         const int m0 = m_tile * kBM;
         const int row0 = m0 + cw * 64;
         /* Padding rows close each expert's range: a warpgroup whose first row is padding has
@@ -312,7 +246,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
                 const int s = it % kStages;
                 fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
                 __syncwarp();
-                release(s);
+                if (lane == 0) fm_mbar_arrive(bar_empty + 8 * s);
             }
             continue;
         }
@@ -345,12 +279,12 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
             fm_wgmma_commit();
             /* The previous k-tile's group is done in this warp: its stage may be refilled. */
             fm_wgmma_wait<1>();
-            if (kt > 0) release(prev_s);
+            if (kt > 0 && lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
             prev_s = s;
         }
         fm_wgmma_wait<0>();
         fm_fence_regs(acc);
-        release(prev_s);
+        if (lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
 
         /* ---- epilogue: acc[4i + r] = (row 16*warp + g + 8*(r/2), column 8i + 2*tq + r%2) ---- */
         const int row_base = row0 + warp * 16 + g;
@@ -407,69 +341,44 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
                                             unsigned char *smem_raw) {
     const unsigned s_base = (fm_smem_u32(smem_raw) + 1023u) & ~1023u;
     const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
-
-    /* Real M tiles (written by the alignment kernel earlier on the stream). */
-    work w;
-    w.mc = false;
-    if constexpr (kCluster == 1) {
-        w.units = min(*p.num_tiles, p.m_tiles);
-        w.total = w.units * p.n_tiles;
-    } else {
-        /* One tile pair per cluster: both CTAs compute the same t and leave together. */
-        w.units = min(*p.num_pairs, (p.m_tiles + 1) / 2);
-        w.total = w.units * p.n_tiles;
-        const int t = (int)blockIdx.x / 2;
-        if (t >= w.total) return;
-        const int rank = (int)fm_cluster_rank();
-        int u, n_tile;
-        raster(t, w.units, p.n_tiles, p.group_m, u, n_tile);
-        const int mine = p.tile_pair[2 * u + rank], peer = p.tile_pair[2 * u + (rank ^ 1)];
-        w.mc = mine >= 0 && peer >= 0 && p.tile_expert[mine] == p.tile_expert[peer];
-    }
-
     if (threadIdx.x == 0) {
         if (!GATED) fm_tma_prefetch_desc(tma_a);
         fm_tma_prefetch_desc(tma_b);
         for (int s = 0; s < kStages; ++s) {
             /* gemm1: 128 cp.async arrivals + thread 0's expect_tx; gemm2: the expect_tx. */
             fm_mbar_init(bar_full + 8 * s, GATED ? 129 : 1);
-            /* one per consumer warp, of both CTAs when the stage is multicast */
-            fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers * (w.mc ? 2 : 1));
+            fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers); /* one per consumer warp */
         }
         fm_mbar_init_fence();
     }
     __syncthreads();
-    if constexpr (kCluster == 2) fm_cluster_sync();
+
+    /* Real M tiles (written by the alignment kernel earlier on the stream). */
+    const int m_tiles = min(*p.num_tiles, p.m_tiles);
+    const int total = m_tiles * p.n_tiles;
     /* Warp-uniform by construction (a broadcast): ptxas then compiles each role's code under its
      * own setmaxnreg budget (the consumers' m64n256 wgmma needs more than the 128 registers per
      * thread a 512-thread CTA starts with). */
     const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
     if (wg == 0) {
         fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
-        producer<GATED>(tma_a, tma_b, p, s_base, w);
+        producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total);
     } else {
         fm_setmaxnreg_inc<FM_CONSUMER_REGS>();
-        consumer<GATED>(p, s_base, w);
+        consumer<GATED>(p, s_base, m_tiles, total);
     }
-    if constexpr (kCluster == 2) fm_cluster_sync();
 }
 
 } // namespace fm_moe_ws
 
-#if FM_CLUSTER == 2
-#define FM_WS_CLUSTER_DIMS __cluster_dims__(2, 1, 1)
-#else
-#define FM_WS_CLUSTER_DIMS
-#endif
-
-extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1) FM_WS_CLUSTER_DIMS
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1)
 fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_a,
                   const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
     extern __shared__ __align__(1024) unsigned char fm_smem[];
     fm_moe_ws::gemm<true>(&tma_a, &tma_b, p, fm_smem);
 }
 
-extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1) FM_WS_CLUSTER_DIMS
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1)
 fm_moe_gemm2_sm90(const __grid_constant__ fm_tma_desc tma_a,
                   const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
     extern __shared__ __align__(1024) unsigned char fm_smem[];

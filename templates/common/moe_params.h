@@ -10,10 +10,6 @@
  * [expert_offsets[e], expert_offsets[e+1]), a multiple of the GEMM tile BLOCK_M, the first
  * counts[e] of them holding its slots and the rest padding (slot id -1). Tile i of BLOCK_M
  * rows belongs to expert tile_expert[i]; *num_tiles tiles are real.
- * The pair table (for GEMMs that run two tiles per thread-block cluster) lists the real tiles
- * two by two: first, for every expert in order, its tiles in consecutive pairs (both halves of a
- * pair then need the same weights), then the experts' leftover single tiles two by two, the last
- * one alone (partner -1) when their number is odd. *num_pairs entries, 2 ints each.
  */
 #ifndef FM_MOE_PARAMS_H
 #define FM_MOE_PARAMS_H
@@ -48,8 +44,6 @@ typedef struct fm_moe_align_params {
     int *sorted_slot;       /* [max_rows] out: slot id per padded row, -1 for padding */
     int *tile_expert;       /* [max_tiles] out */
     int *num_tiles;         /* [1] out: real tiles (of block_m rows) */
-    int *tile_pair;         /* [2 * pairs] out: the pair table (above) */
-    int *num_pairs;         /* [1] out */
     int *expert_counts;     /* [E] out */
     int *expert_offsets;    /* [E + 1] out: first padded row of each expert, then the total */
     int slots;              /* T * K */
@@ -71,8 +65,6 @@ typedef struct fm_moe_gemm_params {
     const int *sorted_slot;    /* [rows] */
     const int *tile_expert;    /* [tiles] */
     const int *num_tiles;      /* [1] real tiles; CTAs of tiles past it exit at once */
-    const int *tile_pair;      /* [2 * pairs] the alignment's pair table (cluster GEMMs) */
-    const int *num_pairs;      /* [1] its entries */
     const float *slot_weight;  /* [T * K] routing weights (gemm2) */
     long long b_expert_stride; /* elements from one expert's B to the next */
     int n;                     /* output columns: gemm1 I, gemm2 H */

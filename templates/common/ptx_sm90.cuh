@@ -142,41 +142,6 @@ static __device__ __forceinline__ void fm_tma_load_4d_hint(unsigned dst, const f
                  : "memory");
 }
 
-/* ---- thread-block clusters (compute capability 9.0) ----------------------------------------
- * A multicast load writes the same box at the same shared-memory offset in every CTA of
- * cta_mask (bit i = cluster rank i) and completes its bytes on the mbarrier at the same offset
- * in each of them. */
-static __device__ __forceinline__ void fm_tma_load_4d_multicast(unsigned dst, const fm_tma_desc *d,
-                                                                unsigned bar, int c0, int c1,
-                                                                int c2, int c3,
-                                                                unsigned short cta_mask) {
-    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                 ".multicast::cluster [%0], [%1, {%2, %3, %4, %5}], [%6], %7;" ::"r"(dst),
-                 "l"(d), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(cta_mask)
-                 : "memory");
-}
-
-static __device__ __forceinline__ unsigned fm_cluster_rank(void) {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
-/* Arrives (release, cluster scope) on the mbarrier at shared offset `bar` of CTA `rank` of
- * this cluster. */
-static __device__ __forceinline__ void fm_mbar_arrive_cluster(unsigned bar, unsigned rank) {
-    asm volatile("{\n\t.reg .b32 ra;\n\t"
-                 "mapa.shared::cluster.u32 ra, %0, %1;\n\t"
-                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n\t}" ::"r"(bar),
-                 "r"(rank)
-                 : "memory");
-}
-
-/* Every thread of every CTA of the cluster: arrive (release) and wait (acquire). */
-static __device__ __forceinline__ void fm_cluster_sync(void) {
-    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
-}
-
 static __device__ __forceinline__ unsigned long long fm_l2_policy_evict_first(void) {
     unsigned long long p;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));

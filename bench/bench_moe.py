@@ -12,6 +12,11 @@ Timing: CUDA events around each call, warm-up first, median of many runs; every 
 next of NROT input sets (hidden states and router logits; different logits route to different
 experts), so neither L2 nor a fixed expert set flatters a method. Weights are allocated once
 (22.5 GB at DeepSeek-V3). Each method's output is checked against the grouped_mm pipeline's.
+Power: under this load an H200 sits at its 700 W limit and lowers its SM clock from 1980 MHz to
+about 1450 (nvidia-smi dmon, bench/NOTES.md), and the clock a method sees depends on what ran
+just before it. flashmoe and grouped_mm are therefore timed interleaved: a warm-up of both, then
+ROUNDS rounds in which each runs for ROUND_MS (the order alternating), all runs of a method
+pooled for its median; the SM clock and board power are sampled while each round runs.
 
 usage: python3 bench/bench_moe.py --lib build/libflashmoe.so --out DIR
          [--preset deepseek-v3|qwen3-30b-a3b|mixtral-8x7b] [--tokens 1,16,...] [--no-naive]
@@ -38,6 +43,8 @@ PRESETS = {  # routed experts of the public model configurations: E, K, H, I
     "mixtral-8x7b": (8, 2, 4096, 14336),
 }
 NROT = 4
+ROUNDS = 6
+ROUND_MS = 250.0
 
 
 # ---- the methods ------------------------------------------------------------------------------
@@ -139,6 +146,59 @@ def time_ms(fn, budget_ms=1500.0, min_runs=5, max_runs=200):
         ev[i][1].record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in ev), runs
+
+
+def gpu_state():
+    """(SM MHz, board W) now, through NVML (torch.cuda) or nvidia-smi; nan where neither works.
+    (CUDA_VISIBLE_DEVICES remapping is ignored: the benchmark machine has one card.)"""
+    try:
+        return float(torch.cuda.clock_rate()), torch.cuda.power_draw() / 1e3
+    except Exception:  # no pynvml: ask nvidia-smi
+        pass
+    try:
+        import subprocess
+        q = subprocess.run(["nvidia-smi", "-i", str(torch.cuda.current_device()),
+                            "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=5).stdout.split(",")
+        return float(q[0]), float(q[1])
+    except Exception:
+        return float("nan"), float("nan")
+
+
+def time_interleaved(fns, rounds=ROUNDS, round_ms=ROUND_MS):
+    """Median ms of each of fns (name -> fn(i)) under the same sustained load: a warm-up round of
+    all, then `rounds` rounds in which each runs back to back for about round_ms (order reversed
+    every other round); CUDA events per call, all calls of a method pooled. Returns
+    {name: (median ms, runs, median SM MHz, median W)}; clock and power are read while the
+    round's calls are still running."""
+    names = list(fns)
+    est = {}
+    for n in names:  # first calls: module load, allocator, and a rough duration
+        fns[n](0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fns[n](1)
+        torch.cuda.synchronize()
+        est[n] = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    times = {n: [] for n in names}
+    state = {n: [] for n in names}
+    for r in range(rounds + 1):  # round 0 is the warm-up
+        for n in (names if r % 2 == 0 else names[::-1]):
+            runs = int(max(3, min(400, round_ms / est[n])))
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(runs)]
+            for i in range(runs):
+                ev[i][0].record()
+                fns[n](i)
+                ev[i][1].record()
+            st = gpu_state()  # the GPU is still working through this round
+            torch.cuda.synchronize()
+            if r > 0:
+                times[n] += [a.elapsed_time(b) for a, b in ev]
+                state[n].append(st)
+    return {n: (statistics.median(times[n]), len(times[n]),
+                statistics.median(s[0] for s in state[n]),
+                statistics.median(s[1] for s in state[n])) for n in names}
 
 
 def copy_bandwidth():
@@ -243,8 +303,11 @@ def main():
                   else float("nan"))
         ref = None
 
-        t_fm, n_fm = time_ms(lambda i: layer(xs[i % NROT], ls[i % NROT], w13, w2, out_fm))
-        t_gm, n_gm = time_ms(lambda i: grouped_mm_moe(xs[i % NROT], ls[i % NROT], w13, w2, K))
+        tm = time_interleaved({
+            "flashmoe": lambda i: layer(xs[i % NROT], ls[i % NROT], w13, w2, out_fm),
+            "grouped_mm": lambda i: grouped_mm_moe(xs[i % NROT], ls[i % NROT], w13, w2, K)})
+        t_fm, n_fm, mhz_fm, w_fm = tm["flashmoe"]
+        t_gm, n_gm, mhz_gm, w_gm = tm["grouped_mm"]
         if args.no_naive:
             t_nv, n_nv = float("nan"), 0
         else:
@@ -259,11 +322,14 @@ def main():
                    grouped_over_flashmoe=t_gm / t_fm, naive_over_flashmoe=t_nv / t_fm,
                    flashmoe_over_floor=t_fm / floor, err_flashmoe=err_fm, err_naive=err_nv,
                    runs_flashmoe=n_fm, runs_grouped=n_gm, runs_naive=n_nv,
+                   sm_mhz_flashmoe=mhz_fm, sm_mhz_grouped=mhz_gm, watts_flashmoe=w_fm,
+                   watts_grouped=w_gm,
                    copy_tbs=bw / 1e12, matmul_tflops=mm / 1e12,
                    card=torch.cuda.get_device_name())
         rows.append(row)
         print("T=%-6d flashmoe %8.3f ms  grouped_mm %8.3f  naive %8.3f  floor %7.3f  (err %.1e)"
-              % (T, t_fm, t_gm, t_nv, floor, err_fm), flush=True)
+              "  SM %.0f/%.0f MHz, %.0f/%.0f W" % (T, t_fm, t_gm, t_nv, floor, err_fm, mhz_fm,
+                                                  mhz_gm, w_fm, w_gm), flush=True)
         xs = ls = out_fm = layer = None  # free this size's buffers before the next
         torch.cuda.empty_cache()
 

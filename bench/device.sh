@@ -8,7 +8,7 @@
 #   tunegrid  fmtune over the benchmark grid (GRID_DIMS, GRID_SEQS, GRID_FAMILIES, GRID_ARGS)
 #   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG
 #   benchq    the same on a reduced grid
-#   moetune   fmtune --op moe, DeepSeek-V3 preset, per token bucket (MOE_TOKENS)
+#   moetune   fmtune --op moe, per token bucket (MOE_TOKENS) of a preset (MOE_PRESET, DeepSeek-V3)
 #   moe       bench/bench_moe.py
 set -u
 B=${BUILD:-build}
@@ -47,7 +47,7 @@ for stage in "$@"; do
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" --quick 2>&1 | tee "$OUT/bench_attn.log" | tail -n 30 ;;
     moetune)
       for t in ${MOE_TOKENS:-16 1024 4096 16384}; do
-        "$B/fmtune" --op moe --gpu auto --preset deepseek-v3 --tokens $t --db "$FLASHMOE_DB" \
+        "$B/fmtune" --op moe --gpu auto --preset ${MOE_PRESET:-deepseek-v3} --tokens $t --db "$FLASHMOE_DB" \
           --runs 5 --budget ${MOE_BUDGET:-30} ${MOE_FAMILIES:+--families $MOE_FAMILIES} ${MOE_MATCH:+--match $MOE_MATCH} ${MOE_ARGS:-} >> "$OUT/moetune.log" 2>&1
         echo "T=$t rc=$?"
       done

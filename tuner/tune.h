@@ -52,4 +52,11 @@ void fm_probe_gpu(fm_probe *p);
 int fm_gpu_matches(const char *want, const char *name);
 int fm_gpu_arch(const char *want);
 
+/* Reorders idx[0..n) for measuring under --budget: idx[(k * s) mod n], with s the stride
+ * nearest to 0.618 n that is coprime with n, so that any prefix samples the whole enumeration
+ * (whose order nests the axes: neighbours differ in the innermost axis, whole families and
+ * pipelines come one after the other) rather than its first part. A permutation; n < 3 is left
+ * as it is. */
+void fm_tune_spread_order(int *idx, int n);
+
 #endif

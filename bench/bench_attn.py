@@ -27,6 +27,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flashmoe_ctypes import FlashMoE  # noqa: E402
+from gpu_state import gpu_state  # noqa: E402
 
 
 def grid(quick):
@@ -44,22 +45,6 @@ def grid(quick):
 
 
 ROUNDS = 5
-
-
-def gpu_state():
-    """(SM MHz, board W) through NVML (torch.cuda) or nvidia-smi; nan where neither works."""
-    try:
-        return float(torch.cuda.clock_rate()), torch.cuda.power_draw() / 1e3
-    except Exception:
-        pass
-    try:
-        import subprocess
-        q = subprocess.run(["nvidia-smi", "-i", str(torch.cuda.current_device()),
-                            "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=5).stdout.split(",")
-        return float(q[0]), float(q[1])
-    except Exception:
-        return float("nan"), float("nan")
 
 
 def bench_interleaved(fns):
@@ -123,7 +108,6 @@ def main():
         flops = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
         fa = fm.attention_args(q, k, v, o, causal)
         cfg, source, tuned = fm.select(fa)
-        stream = torch.cuda.current_stream().cuda_stream
         res = {"card": dev, "b": b, "s": s, "h": h, "d": d, "causal": int(causal), "mission": int(mission),
                "config": cfg, "source": source}
 
@@ -139,8 +123,8 @@ def main():
         res["rel_err"] = err
         ok = err < 2e-2
 
-        def run_sdpa():
-            F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        def run_sdpa(q=qt, k=kt, v=vt):
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         fns = {"flash": (run_sdpa, SDPBackend.FLASH_ATTENTION),
                "cudnn": (run_sdpa, SDPBackend.CUDNN_ATTENTION)}

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flashmoe_ctypes import FlashMoE, MoeArgs, FM_DTYPE_BF16, FM_DTYPE_FP16  # noqa: E402
+from gpu_state import gpu_state  # noqa: E402
 
 PRESETS = {  # routed experts of the public model configurations: E, K, H, I
     "deepseek-v3": (256, 8, 7168, 2048),
@@ -146,23 +147,6 @@ def time_ms(fn, budget_ms=1500.0, min_runs=5, max_runs=200):
         ev[i][1].record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in ev), runs
-
-
-def gpu_state():
-    """(SM MHz, board W) now, through NVML (torch.cuda) or nvidia-smi; nan where neither works.
-    (CUDA_VISIBLE_DEVICES remapping is ignored: the benchmark machine has one card.)"""
-    try:
-        return float(torch.cuda.clock_rate()), torch.cuda.power_draw() / 1e3
-    except Exception:  # no pynvml: ask nvidia-smi
-        pass
-    try:
-        import subprocess
-        q = subprocess.run(["nvidia-smi", "-i", str(torch.cuda.current_device()),
-                            "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=5).stdout.split(",")
-        return float(q[0]), float(q[1])
-    except Exception:
-        return float("nan"), float("nan")
 
 
 def time_interleaved(fns, rounds=ROUNDS, round_ms=ROUND_MS):

@@ -73,6 +73,60 @@
 #error "FM_BLOCK_M outside the range the workspace is sized for"
 #endif
 
+/* The epilogue of both pipelines: one warpgroup's m64nBN accumulator, acc[4i + r] = (row
+ * row_base + 8*(r/2), column n_out0 + 8i + 2*tq + r%2) with row_base this thread's first padded
+ * row, to the output. gemm1: SwiGLU (gate column c and up column c + BN/2 sit in the same thread)
+ * into the 16-bit intermediate, padding rows included (nothing reads them). gemm2: scaled by the
+ * slot's routing weight, into the slot's 16-bit row or added in fp32 to its token's row; padding
+ * rows skipped. Columns past n are not written (N tails). */
+template <bool GATED, int BN>
+static __device__ __forceinline__ void fm_moe_wgmma_epilogue(const fm_moe_gemm_params &p,
+                                                             const float (&acc)[BN / 2],
+                                                             int row_base, int n_out0, int tq) {
+    if (GATED) {
+        fm_elem_t *C = (fm_elem_t *)p.c;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const long long row = row_base + 8 * h;
+#pragma unroll
+            for (int i = 0; i < BN / 16; ++i) {
+                const int col = n_out0 + 8 * i + 2 * tq;
+                if (col >= p.n) continue;
+                const int gi = 4 * i + 2 * h, ui = 4 * (i + BN / 16) + 2 * h;
+                const float v0 = fm_moe::silu(acc[gi]) * acc[ui];
+                const float v1 = fm_moe::silu(acc[gi + 1]) * acc[ui + 1];
+                *(unsigned *)(C + row * p.n + col) = fm_pack_elem2(v0, v1);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int slot = p.sorted_slot[row_base + 8 * h];
+            if (slot < 0) continue; /* padding row */
+            const float w = p.slot_weight[slot];
+            if (p.atomic) {
+                float *C = (float *)p.c + (long long)(slot / p.topk) * p.n;
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i) {
+                    const int col = n_out0 + 8 * i + 2 * tq;
+                    if (col < p.n)
+                        fm_moe::red_add_f32x2(C + col, w * acc[4 * i + 2 * h],
+                                              w * acc[4 * i + 2 * h + 1]);
+                }
+            } else {
+                fm_elem_t *C = (fm_elem_t *)p.c + (long long)slot * p.n;
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i) {
+                    const int col = n_out0 + 8 * i + 2 * tq;
+                    if (col < p.n)
+                        *(unsigned *)(C + col) =
+                            fm_pack_elem2(w * acc[4 * i + 2 * h], w * acc[4 * i + 2 * h + 1]);
+                }
+            }
+        }
+    }
+}
+
 #if FM_MOE_WS
 #include "common/moe_gemm_sm90_ws.cuh"
 #else
@@ -229,50 +283,8 @@ static __device__ __forceinline__ void gemm(const fm_moe_gemm_params &p, unsigne
     fm_fence_regs(acc);
     fm_cp_async_wait<0>(); /* no copy may still target shared memory when the CTA retires */
 
-    /* ---- epilogue: acc[4i + r] = (row 16*warp + g + 8*(r/2), column 8i + 2*tq + r%2) ---- */
     const int row_base = m0 + wg * 64 + warp * 16 + g;
-    if (GATED) {
-        fm_elem_t *C = (fm_elem_t *)p.c;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const long long row = row_base + 8 * h;
-#pragma unroll
-            for (int i = 0; i < kBN / 16; ++i) {
-                const int col = n_out0 + 8 * i + 2 * tq;
-                if (col >= p.n) continue;
-                const int gi = 4 * i + 2 * h, ui = 4 * (i + kBN / 16) + 2 * h;
-                const float v0 = fm_moe::silu(acc[gi]) * acc[ui];
-                const float v1 = fm_moe::silu(acc[gi + 1]) * acc[ui + 1];
-                *(unsigned *)(C + row * p.n + col) = fm_pack_elem2(v0, v1);
-            }
-        }
-    } else {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int slot = p.sorted_slot[row_base + 8 * h];
-            if (slot < 0) continue; /* padding row */
-            const float w = p.slot_weight[slot];
-            if (p.atomic) {
-                float *C = (float *)p.c + (long long)(slot / p.topk) * p.n;
-#pragma unroll
-                for (int i = 0; i < kBN / 8; ++i) {
-                    const int col = n_out0 + 8 * i + 2 * tq;
-                    if (col < p.n)
-                        fm_moe::red_add_f32x2(C + col, w * acc[4 * i + 2 * h],
-                                              w * acc[4 * i + 2 * h + 1]);
-                }
-            } else {
-                fm_elem_t *C = (fm_elem_t *)p.c + (long long)slot * p.n;
-#pragma unroll
-                for (int i = 0; i < kBN / 8; ++i) {
-                    const int col = n_out0 + 8 * i + 2 * tq;
-                    if (col < p.n)
-                        *(unsigned *)(C + col) =
-                            fm_pack_elem2(w * acc[4 * i + 2 * h], w * acc[4 * i + 2 * h + 1]);
-                }
-            }
-        }
-    }
+    fm_moe_wgmma_epilogue<GATED, kBN>(p, acc, row_base, n_out0, tq);
 }
 
 } // namespace fm_moe_sm90

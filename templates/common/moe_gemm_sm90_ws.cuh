@@ -286,52 +286,9 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         fm_fence_regs(acc);
         if (lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
 
-        /* ---- epilogue: acc[4i + r] = (row 16*warp + g + 8*(r/2), column 8i + 2*tq + r%2) ---- */
-        const int row_base = row0 + warp * 16 + g;
-        if (GATED) {
-            const int n_out0 = n_tile * (kBN / 2);
-            fm_elem_t *C = (fm_elem_t *)p.c;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const long long row = row_base + 8 * h;
-#pragma unroll
-                for (int i = 0; i < kBN / 16; ++i) {
-                    const int col = n_out0 + 8 * i + 2 * tq;
-                    if (col >= p.n) continue;
-                    const int gi = 4 * i + 2 * h, ui = 4 * (i + kBN / 16) + 2 * h;
-                    const float v0 = fm_moe::silu(acc[gi]) * acc[ui];
-                    const float v1 = fm_moe::silu(acc[gi + 1]) * acc[ui + 1];
-                    *(unsigned *)(C + row * p.n + col) = fm_pack_elem2(v0, v1);
-                }
-            }
-        } else {
-            const int n_out0 = n_tile * kBN;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int slot = p.sorted_slot[row_base + 8 * h];
-                if (slot < 0) continue; /* padding row */
-                const float w = p.slot_weight[slot];
-                if (p.atomic) {
-                    float *C = (float *)p.c + (long long)(slot / p.topk) * p.n;
-#pragma unroll
-                    for (int i = 0; i < kBN / 8; ++i) {
-                        const int col = n_out0 + 8 * i + 2 * tq;
-                        if (col < p.n)
-                            fm_moe::red_add_f32x2(C + col, w * acc[4 * i + 2 * h],
-                                                  w * acc[4 * i + 2 * h + 1]);
-                    }
-                } else {
-                    fm_elem_t *C = (fm_elem_t *)p.c + (long long)slot * p.n;
-#pragma unroll
-                    for (int i = 0; i < kBN / 8; ++i) {
-                        const int col = n_out0 + 8 * i + 2 * tq;
-                        if (col < p.n)
-                            *(unsigned *)(C + col) = fm_pack_elem2(w * acc[4 * i + 2 * h],
-                                                                   w * acc[4 * i + 2 * h + 1]);
-                    }
-                }
-            }
-        }
+        /* ---- epilogue from registers (fm_moe_wgmma_epilogue, moe_gemm_sm90.cu) ---- */
+        const int n_out0 = n_tile * (GATED ? kBN / 2 : kBN);
+        fm_moe_wgmma_epilogue<GATED, kBN>(p, acc, row0 + warp * 16 + g, n_out0, tq);
     }
 }
 

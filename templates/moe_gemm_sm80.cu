@@ -128,33 +128,14 @@ static __device__ __forceinline__ void gemm(const fm_moe_gemm_params &p, unsigne
     const int kt_end = min(k_tiles, kt_begin + p.k_tiles_per_split);
     if (kt_begin >= kt_end) return;
 
-    const fm_elem_t *A = (const fm_elem_t *)p.a;
     const fm_elem_t *B = (const fm_elem_t *)p.b + (long long)expert * p.b_expert_stride;
-    const long long ldk = p.k;
 
     /* ---- per-thread copy sources, fixed for the whole K loop: thread tid copies chunk column
      * tid % kCPR of rows tid / kCPR + j * kRowStep ---- */
     const int ccol = tid % kCPR;
     const int rbase = tid / kCPR;
     const fm_elem_t *a_src[kAIters];
-    unsigned a_ok = 0;
-#pragma unroll
-    for (int j = 0; j < kAIters; ++j) {
-        const int r = rbase + j * kRowStep;
-        a_src[j] = A + ccol * 8;
-        if (r < kBM) {
-            if (GATED) {
-                const int slot = p.sorted_slot[m0 + r];
-                if (slot >= 0) {
-                    a_src[j] = A + (long long)(slot / p.topk) * ldk + ccol * 8;
-                    a_ok |= 1u << j;
-                }
-            } else {
-                a_src[j] = A + (long long)(m0 + r) * ldk + ccol * 8;
-                a_ok |= 1u << j;
-            }
-        }
-    }
+    const unsigned a_ok = fm_moe::a_sources<GATED, kBM, kCPR, kRowStep>(p, m0, tid, a_src);
     /* Weight rows: 32-bit element offsets inside the expert (the host checks 2*I*H < 2^31). */
     int b_off[kBIters];
     unsigned b_ok = 0;

@@ -166,30 +166,13 @@ static __device__ __forceinline__ void gemm(const fm_moe_gemm_params &p, unsigne
     const int kt_end = min(k_tiles, kt_begin + p.k_tiles_per_split);
     if (kt_begin >= kt_end) return;
 
-    const fm_elem_t *A = (const fm_elem_t *)p.a;
     const fm_elem_t *B = (const fm_elem_t *)p.b + (long long)expert * p.b_expert_stride;
-    const long long ldk = p.k;
 
     /* ---- copy sources (as in the sm80 kernel): chunk column tid % 8 of rows tid/8 + j*step ---- */
     const int ccol = tid % kCPR;
     const int rbase = tid / kCPR;
     const fm_elem_t *a_src[kAIters];
-    unsigned a_ok = 0;
-#pragma unroll
-    for (int j = 0; j < kAIters; ++j) {
-        const int r = rbase + j * kRowStep;
-        a_src[j] = A + ccol * 8;
-        if (GATED) {
-            const int slot = p.sorted_slot[m0 + r];
-            if (slot >= 0) {
-                a_src[j] = A + (long long)(slot / p.topk) * ldk + ccol * 8;
-                a_ok |= 1u << j;
-            }
-        } else {
-            a_src[j] = A + (long long)(m0 + r) * ldk + ccol * 8;
-            a_ok |= 1u << j;
-        }
-    }
+    const unsigned a_ok = fm_moe::a_sources<GATED, kBM, kCPR, kRowStep>(p, m0, tid, a_src);
     /* Weight rows: gemm1 rows [0, BN/2) are gate columns, [BN/2, BN) the up rows of the same
      * columns; gemm2 rows are output columns. 32-bit offsets (host: 2*I*H < 2^31). */
     const int n_out0 = GATED ? n_tile * (kBN / 2) : n_tile * kBN;

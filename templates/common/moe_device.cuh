@@ -1,7 +1,7 @@
 /*
  * moe_device.cuh - device pieces the MoE GEMM families share (moe_gemm_sm80.cu, moe_gemm_sm90.cu):
- * the SwiGLU activation, fp32 vector atomics, the 16-byte swizzled tile loader and the combine
- * kernel's body. Needs numeric.cuh, ptx_sm80.cuh and moe_params.h first.
+ * the SwiGLU activation, fp32 vector atomics, the 16-byte swizzled tile loader, the A-row
+ * sources of the cp.async pipelines and the combine kernel's body. Needs numeric.cuh, ptx_sm80.cuh and moe_params.h first.
  */
 #pragma once
 
@@ -73,6 +73,35 @@ static __device__ __forceinline__ void combine(const fm_moe_combine_params &p) {
     o.z = fm_pack_elem2(s[4], s[5]);
     o.w = fm_pack_elem2(s[6], s[7]);
     *(uint4 *)((fm_elem_t *)p.out + t * p.hidden + col) = o;
+}
+
+/* Sources of the A rows a thread copies in the cp.async pipelines of both families: thread tid
+ * copies 16-byte chunk column tid % CPR of tile rows tid / CPR + j * STEP, j < ITERS (CPR chunks
+ * per row, STEP rows per sweep of the CTA; rows at or past BM, where ITERS overhangs, copy
+ * nothing). gemm1 rows are the token rows of the hidden states (padding rows copy nothing: the
+ * loader zero-fills them), gemm2 rows the intermediate's. Returns the mask of rows to copy; the
+ * sources stay fixed for the whole K loop. */
+template <bool GATED, int BM, int CPR, int STEP, int ITERS>
+static __device__ __forceinline__ unsigned a_sources(const fm_moe_gemm_params &p, int m0, int tid,
+                                                     const fm_elem_t *(&src)[ITERS]) {
+    const fm_elem_t *A = (const fm_elem_t *)p.a;
+    const int ccol = tid % CPR, rbase = tid / CPR;
+    unsigned ok = 0;
+#pragma unroll
+    for (int j = 0; j < ITERS; ++j) {
+        const int r = rbase + j * STEP;
+        src[j] = A + ccol * 8;
+        if (r >= BM) continue;
+        if (GATED) {
+            const int slot = p.sorted_slot[m0 + r];
+            if (slot < 0) continue;
+            src[j] = A + (long long)(slot / p.topk) * p.k + ccol * 8;
+        } else {
+            src[j] = A + (long long)(m0 + r) * p.k + ccol * 8;
+        }
+        ok |= 1u << j;
+    }
+    return ok;
 }
 
 /* The tile raster of both GEMMs: grid.x = m_tiles * n_tiles; groups of group_m M-tiles walk the

@@ -5,8 +5,10 @@
 #   tests     the GPU tests (ctest -L gpu)
 #   attn      GPU attention correctness only (test_attention_gpu), FM_TEST_FAMILY may restrict it
 #   tune      fmtune --gpu auto --shape 8x4096x128 (the mission), then the served check
-#   tunegrid  fmtune over the benchmark grid (GRID_DIMS, GRID_SEQS, GRID_FAMILIES, GRID_ARGS)
-#   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG
+#   tunegrid  fmtune over the benchmark grid (GRID_DIMS, GRID_SEQS, GRID_CAUSAL, GRID_FAMILIES,
+#             GRID_ARGS)
+#   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG (BENCH_ONLY:
+#             its --only points)
 #   benchq    the same on a reduced grid
 #   moetune   fmtune --op moe, per token bucket (MOE_TOKENS) of a preset (MOE_PRESET, DeepSeek-V3)
 #   moe       bench/bench_moe.py
@@ -36,13 +38,15 @@ for stage in "$@"; do
       grep -E "^fmtune|^best|^tuning|^ *1 " "$OUT/fmtune.log" ;;
     tunegrid)
       fam=${GRID_FAMILIES:+--families $GRID_FAMILIES}
-      for d in ${GRID_DIMS:-64 128 256}; do for c in "" "--causal"; do for s in ${GRID_SEQS:-512 1024 2048 4096 8192 16384}; do
+      for d in ${GRID_DIMS:-64 128 256}; do for c in ${GRID_CAUSAL:-0 1}; do
+        [ "$c" = 1 ] && c=--causal || c=""
+        for s in ${GRID_SEQS:-512 1024 2048 4096 8192 16384}; do
         "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $c --db "$FLASHMOE_DB" \
           --runs 10 $fam ${GRID_ARGS:-} >> "$OUT/tunegrid.log" 2>&1
       done; done; done
       grep "^best" "$OUT/tunegrid.log" ;;
     bench)
-      python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;
+      python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;
     benchq)
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" --quick 2>&1 | tee "$OUT/bench_attn.log" | tail -n 30 ;;
     moetune)

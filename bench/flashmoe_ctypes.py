@@ -20,6 +20,7 @@ class AttentionArgs(ctypes.Structure):
         ("o", ctypes.c_void_p), ("lse", ctypes.c_void_p),
         ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3),
         ("v_stride", ctypes.c_int64 * 3), ("o_stride", ctypes.c_int64 * 3),
+        ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_size_t),
     ]
 
 
@@ -54,6 +55,8 @@ class FlashMoE:
         L.fm_attention_select.argtypes = [ctypes.c_void_p, ctypes.POINTER(AttentionArgs),
                                           ctypes.POINTER(Selection)]
         L.fm_moe_fwd.argtypes = [ctypes.c_void_p, ctypes.POINTER(MoeArgs), ctypes.c_void_p]
+        L.fm_attention_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(AttentionArgs),
+                                                  ctypes.POINTER(ctypes.c_size_t)]
         L.fm_moe_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(MoeArgs),
                                             ctypes.POINTER(ctypes.c_size_t)]
         L.fm_version.restype = ctypes.c_char_p
@@ -65,9 +68,9 @@ class FlashMoE:
     def error(self):
         return self.lib.fm_last_error(self.ctx).decode()
 
-    @staticmethod
-    def attention_args(q, k, v, o, causal, lse=None):
-        """q [B, Sq, H, D], k/v [B, Sk, Hkv, D], o like q: torch tensors, head dim contiguous."""
+    def attention_args(self, q, k, v, o, causal, lse=None):
+        """q [B, Sq, H, D], k/v [B, Sk, Hkv, D], o like q: torch tensors, head dim contiguous.
+        Passes a workspace (one per head dim, kept on this object), as a serving caller would."""
         import torch
         a = AttentionArgs()
         a.dtype = FM_DTYPE_BF16 if q.dtype == torch.bfloat16 else FM_DTYPE_FP16
@@ -80,6 +83,15 @@ class FlashMoE:
         for name, t in (("q_stride", q), ("k_stride", k), ("v_stride", v), ("o_stride", o)):
             st = getattr(a, name)
             st[0], st[1], st[2] = t.stride(0), t.stride(1), t.stride(2)
+        size = ctypes.c_size_t(0)
+        if self.lib.fm_attention_workspace_size(self.ctx, ctypes.byref(a), ctypes.byref(size)) != 0:
+            raise RuntimeError("fm_attention_workspace_size: %s" % self.error())
+        if size.value:
+            ws = getattr(self, "_attn_ws", {})
+            self._attn_ws = ws
+            if a.head_dim not in ws:
+                ws[a.head_dim] = torch.empty(size.value, dtype=torch.uint8, device=q.device)
+            a.workspace, a.workspace_bytes = ws[a.head_dim].data_ptr(), size.value
         return a
 
     def attention(self, args, stream):

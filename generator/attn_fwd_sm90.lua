@@ -144,6 +144,11 @@ return {
     -- setmaxnreg and enough for one thread issuing copies; 40 would leave room for a
     -- multi-thread producer.
     { name = "producer_regs", values = { 24 } },
+    -- Split tail (stream-K over the last tiles, see the template): a persistent non-causal grid
+    -- whose tile count is not a multiple of the CTA count shares the last one to two rounds of
+    -- tiles out by key block, and the owners of the split tiles merge partial results. Needs the
+    -- caller's workspace (fm_attention_workspace_size); without one it runs unsplit.
+    { name = "split_tail", values = { 0, 1 }, default = 0 },
   },
 
   constraints = {
@@ -194,6 +199,12 @@ return {
       check = function(c) return c.ctas_per_sm == 1 or c.intra_overlap == 1 end,
     },
     {
+      reason = "split_tail only with a persistent, non-causal grid of one CTA per SM (it splits the last round of equal tiles; every CTA must be resident)",
+      check = function(c)
+        return c.split_tail == 0 or (c.persistent == 1 and c.causal == 0 and c.ctas_per_sm == 1)
+      end,
+    },
+    {
       reason = "two CTAs per SM only with one consumer warpgroup (more would not fit the register file twice)",
       check = function(c) return c.ctas_per_sm == 1 or c.consumer_wgs == 1 end,
     },
@@ -221,6 +232,7 @@ return {
       c.intra_overlap, c.persistent, c.producer_regs,
       c.ctas_per_sm == 1 and "" or string.format("_x%d", c.ctas_per_sm))
       .. (c.q_stages == 1 and "" or string.format("_q%d", c.q_stages))
+      .. (c.split_tail == 1 and "_sk" or "")
   end,
 
   defines = function(c)
@@ -239,6 +251,7 @@ return {
       FM_O_SEPARATE = o_separate(c) and 1 or 0,
       FM_CTAS_PER_SM = c.ctas_per_sm,
       FM_Q_STAGES = c.q_stages,
+      FM_SPLIT_TAIL = c.split_tail,
       FM_PRODUCER_REGS = sp and c.producer_regs or 0,
       FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,
     }
@@ -255,7 +268,7 @@ return {
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
     local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
-      producer_regs = 24, ctas_per_sm = 1, q_stages = 1 }
+      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, split_tail = 0 }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then

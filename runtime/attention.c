@@ -66,6 +66,15 @@ fm_status fm_attn_prepare(const fm_context *ctx, const fm_attention_args *a,
             return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
                                 "%s = %p is not 16-byte aligned", names[i], ptrs[i]);
     }
+    if (a->workspace && (uintptr_t)a->workspace % 16)
+        return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT, "workspace = %p is not 16-byte aligned",
+                            a->workspace);
+    if (a->workspace && a->workspace_bytes < fm_attn_workspace_bytes(ctx, a->head_dim))
+        return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT,
+                            "workspace_bytes = %zu is too small: fm_attention_workspace_size asks "
+                            "%zu for head_dim %d",
+                            a->workspace_bytes, fm_attn_workspace_bytes(ctx, a->head_dim),
+                            a->head_dim);
     if (a->lse && (uintptr_t)a->lse % 4)
         return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT, "lse is not 4-byte aligned");
     /* The kernels keep offsets inside a tile in 32 bits: a sequence stride must stay below 2^23
@@ -107,6 +116,32 @@ fm_status fm_attn_prepare(const fm_context *ctx, const fm_attention_args *a,
     p->softmax_scale = a->softmax_scale != 0.0f ? a->softmax_scale
                                                 : 1.0f / sqrtf((float)a->head_dim);
     p->scale_log2 = p->softmax_scale * 1.4426950408889634f;
+    return FM_OK;
+}
+
+/* Split-tail workspace (templates/attn_fwd_sm90.cu): a ready flag and a partial-result slot per
+ * (CTA, consumer warpgroup) of a one-CTA-per-SM persistent grid, up to three consumers; a slot
+ * is 128 threads x (D/2 + 4) floats. Flags first, padded to 256 bytes. */
+size_t fm_attn_workspace_flags_bytes(const fm_context *ctx) {
+    size_t n = (size_t)(ctx->sm_count > 0 ? ctx->sm_count : 0) * 3 * sizeof(unsigned);
+    return (n + 255) / 256 * 256;
+}
+
+size_t fm_attn_workspace_bytes(const fm_context *ctx, int head_dim) {
+    if (ctx->arch < 90 || ctx->sm_count <= 0) return 0;
+    return fm_attn_workspace_flags_bytes(ctx) +
+           (size_t)ctx->sm_count * 3 * 128 * (size_t)(head_dim / 2 + 4) * sizeof(float);
+}
+
+fm_status fm_attention_workspace_size(fm_context *ctx, const fm_attention_args *args,
+                                      size_t *bytes) {
+    if (!ctx) return fm_set_error(NULL, FM_ERR_INVALID_ARGUMENT, "context is NULL");
+    if (!args || !bytes) return fm_set_error(ctx, FM_ERR_INVALID_ARGUMENT, "NULL argument");
+    if (args->head_dim != 64 && args->head_dim != 128 && args->head_dim != 256)
+        return fm_set_error(ctx, FM_ERR_UNSUPPORTED,
+                            "head_dim %d: attention supports head dims 64, 128 and 256",
+                            args->head_dim);
+    *bytes = fm_attn_workspace_bytes(ctx, args->head_dim);
     return FM_OK;
 }
 

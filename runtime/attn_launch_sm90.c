@@ -60,6 +60,9 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
                             tiles, bm);
     p->num_m_blocks = (int)m_blocks;
     p->num_tiles = (int)tiles;
+    p->sk_first_tile = (int)tiles; /* nothing split unless set below */
+    p->sk_units = 0;
+    p->sk_blocks = 0;
 
     CUtensorMap tm[3];
     memset(tm, 0, sizeof tm);
@@ -80,6 +83,30 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
                             ctas_per_sm);
     if (persistent && ctx->sm_count > 0 && grid > ctx->sm_count * ctas_per_sm)
         grid = ctx->sm_count * ctas_per_sm;
+
+    /* Split tail: see fm_tile_iter in the template. Only where the last round is partial and
+     * each CTA's share has at least two key blocks; the grid is then every SM. */
+    if (fm_config_int(&k->cfg, "split_tail", 0) == 1 && a->workspace && !a->causal &&
+        ctx->sm_count > 0) {
+        const long long g = ctx->sm_count;
+        const long long nk = ((long long)p->seqlen_k + bn - 1) / bn;
+        const long long rounds = tiles / g;
+        const long long first = rounds >= 1 ? (rounds - 1) * g : 0;
+        const long long units = (tiles - first) * nk;
+        if (tiles % g != 0 && units >= 2 * g && units <= INT_MAX / g) {
+            p->sk_first_tile = (int)first;
+            p->sk_units = (int)units;
+            p->sk_blocks = (int)nk;
+            p->sk_flags = (unsigned *)a->workspace;
+            p->sk_partial = (float *)((char *)a->workspace + fm_attn_workspace_flags_bytes(ctx));
+            grid = g;
+            /* The flags must be zero: each owner zeroes those it consumed, but a launch that
+             * was cut short (or a workspace that was never used) would leave them set. */
+            CUresult r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)a->workspace, 0,
+                                                    (size_t)g * 3, stream);
+            if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);
+        }
+    }
 
     CUresult r = ctx->drv->cuFuncSetAttribute(k->fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                               k->smem_bytes);

@@ -71,7 +71,11 @@ int fm_version_number(void);
  * (stride 1) and the other strides are given in elements. H must be a multiple of Hkv (GQA/MQA).
  * Causal masking is aligned to the bottom right: query i sees keys j <= i + Sk - Sq.
  * lse, if not NULL, receives log-sum-exp (natural log, of the scaled scores) as fp32 [B, H, Sq].
- * Pointers must be 16-byte aligned and every stride but the head dim's a multiple of 8. */
+ * Pointers must be 16-byte aligned and every stride but the head dim's a multiple of 8.
+ * workspace (optional, NULL for none): device scratch of fm_attention_workspace_size bytes, whose
+ * use must be ordered with the stream (it is not shared between concurrent calls). With it,
+ * configurations that split the last round of tiles over all SMs can do so; without it they
+ * run unsplit. */
 typedef struct fm_attention_args {
     fm_dtype dtype;
     int batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim;
@@ -84,7 +88,13 @@ typedef struct fm_attention_args {
     int64_t k_stride[3];
     int64_t v_stride[3];
     int64_t o_stride[3];
+    void *workspace;
+    size_t workspace_bytes;
 } fm_attention_args;
+
+/* Workspace that lets fm_attention_fwd split tiles (depends on the device and head dim only). */
+fm_status fm_attention_workspace_size(fm_context *ctx, const fm_attention_args *args,
+                                      size_t *bytes);
 
 /* Fills the strides of a contiguous [B, S, H, D] layout. */
 void fm_attention_args_contiguous(fm_attention_args *a);

@@ -172,6 +172,8 @@ fm_status fm_attn_prepare(const fm_context *ctx, const fm_attention_args *a,
                           fm_attn_kernel_params *p);
 /* Problem description of args as config params: dtype, head_dim, causal. */
 void fm_attn_problem(const fm_attention_args *a, fm_config *problem);
+size_t fm_attn_workspace_flags_bytes(const fm_context *ctx);
+size_t fm_attn_workspace_bytes(const fm_context *ctx, int head_dim);
 void fm_attn_shape(const fm_attention_args *a, char *buf, size_t len);
 double fm_attn_distance(const char *want, const char *have);
 /* Per-family launchers. block_m comes from the config. */

@@ -87,6 +87,9 @@
 #ifndef FM_Q_STAGES
 #define FM_Q_STAGES 1 /* Q buffers: 2 lets a persistent CTA load the next tile's Q early */
 #endif
+#ifndef FM_SPLIT_TAIL
+#define FM_SPLIT_TAIL 0 /* split the last tiles of a persistent non-causal grid by key block */
+#endif
 #ifndef FM_CTAS_PER_SM
 #define FM_CTAS_PER_SM 1 /* resident CTAs per SM the kernel is built for (launch bounds) */
 #endif
@@ -151,6 +154,12 @@
 #if FM_Q_STAGES != 1 && FM_Q_STAGES != 2
 #error "FM_Q_STAGES must be 1 or 2"
 #endif
+#if FM_SPLIT_TAIL != 0 && FM_SPLIT_TAIL != 1
+#error "FM_SPLIT_TAIL must be 0 or 1"
+#endif
+#if FM_SPLIT_TAIL && (!FM_PERSISTENT || FM_CAUSAL || FM_CTAS_PER_SM != 1)
+#error "FM_SPLIT_TAIL needs a persistent, non-causal grid of one CTA per SM"
+#endif
 #if FM_CTAS_PER_SM != 1 && FM_CTAS_PER_SM != 2
 #error "FM_CTAS_PER_SM must be 1 or 2"
 #endif
@@ -195,7 +204,9 @@
 /* ---- tiles ------------------------------------------------------------------------------ */
 struct fm_tile {
     int mb, h, b;
-    int n_end;       /* key blocks 0..n_end-1 are visited (from the last); 0: nothing visible */
+    int n_end;       /* key blocks n_lo..n_end-1 are visited (from the last); n_end <= n_lo:
+                      * nothing visible */
+    int n_lo;        /* 0 but for a piece of a split tile */
     int n_mask_from; /* blocks n >= n_mask_from need the key-bound or causal mask */
 };
 
@@ -229,6 +240,7 @@ static __device__ __forceinline__ fm_tile fm_make_tile(int bh, int mb,
     r.mb = mb;
     r.h = bh % p.heads;
     r.b = bh / p.heads;
+    r.n_lo = 0;
     fm_key_range(mb * FM_BM, FM_BM, p, r.n_end, r.n_mask_from);
     return r;
 }
@@ -247,7 +259,21 @@ static __device__ __forceinline__ fm_tile fm_make_tile(int bh, int mb,
  *    pair of m-blocks (nmb-1-q, q) of one head, whose key blocks add up to about n_total + 1
  *    whatever q is; units are strided over the CTAs (each runs the long tile, then the short
  *    one, which rereads the long one's last key blocks from L2). An odd middle m-block is a
- *    unit alone. */
+ *    unit alone.
+ *  - Split tail (FM_SPLIT_TAIL, persistent and not causal): with T tiles on G CTAs the last
+ *    round is only (T mod G) / G full, e.g. 2048 tiles of d128 on 132 SMs are 15.5 rounds that
+ *    take 16. The host leaves the first (T / G - 1) * G tiles to the strided schedule and makes
+ *    the rest, between G and 2G tiles, a row of units of one key block each (sk_units =
+ *    tiles * sk_blocks, tile after tile, each tile's blocks in visiting order, last first); CTA
+ *    j takes units [j * sk_units / G, (j + 1) * sk_units / G), cut into pieces at tile edges.
+ *    A piece that starts a tile but does not finish it is the tile's owner; a piece that
+ *    starts inside a tile is a writer and is always its CTA's first unit, so every CTA writes
+ *    at most one partial result (slot blockIdx.x): unnormalised O, row maxima and sums, in
+ *    registers' order. The owner, at the end of its share, merges the partials of the CTAs
+ *    after it whose first unit lies in its tile (they ran those first: no wait in practice)
+ *    and stores the tile. Every CTA must be resident at once (the persistent grid is one CTA
+ *    per SM) since an owner spins on a later CTA's flag.
+ *    The index v is the tile (v >= 0, strided phase) or -(first unit of the piece) - 1. */
 struct fm_tile_iter {
     int v; /* the CTA's current index (the rest is recomputed: the producer runs on 24
             * registers, the three-consumer d64 variant on 160) */
@@ -280,23 +306,58 @@ static __device__ __forceinline__ bool fm_iter_paired(const fm_attn_kernel_param
 #endif
 }
 
+#define FM_ITER_DONE 0x7fffffff
+
+#if FM_SPLIT_TAIL
+/* First unit of CTA j's share of the split region (j = gridDim.x: its end). 32-bit: the host
+ * keeps gridDim.x * sk_units within INT_MAX (64-bit division would spill the producer's 24
+ * registers). */
+static __device__ __forceinline__ int fm_sk_bound(int j, const fm_attn_kernel_params &p) {
+    return (int)((unsigned)j * (unsigned)p.sk_units / (unsigned)fm_grid_ctas());
+}
+/* The index of this CTA's first piece, or done when its share is empty. */
+static __device__ __forceinline__ int fm_sk_enter(const fm_attn_kernel_params &p) {
+    const int u0 = fm_sk_bound((int)blockIdx.x, p);
+    return u0 < fm_sk_bound((int)blockIdx.x + 1, p) ? -(u0 + 1) : FM_ITER_DONE;
+}
+#endif
+
 static __device__ __forceinline__ void fm_iter_init(fm_tile_iter &it,
                                                     const fm_attn_kernel_params &p) {
+#if FM_SPLIT_TAIL
+    it.v = (int)blockIdx.x < p.sk_first_tile ? (int)blockIdx.x : fm_sk_enter(p);
+#else
     it.v = fm_iter_paired(p) ? 2 * (int)blockIdx.x : (int)blockIdx.x;
+#endif
 }
 
 static __device__ __forceinline__ bool fm_iter_more(const fm_tile_iter &it,
                                                     const fm_attn_kernel_params &p) {
+#if FM_SPLIT_TAIL
+    return it.v < p.sk_first_tile; /* pieces are negative, done is INT_MAX */
+#else
     if (fm_iter_paired(p)) return it.v < 2 * ((p.num_m_blocks + 1) / 2) * p.heads * p.batch;
     return it.v < p.num_tiles;
+#endif
 }
 
 static __device__ __forceinline__ void fm_iter_advance(fm_tile_iter &it,
                                                        const fm_attn_kernel_params &p) {
+#if FM_SPLIT_TAIL
+    if (it.v >= 0) {
+        it.v += fm_grid_ctas();
+        if (it.v >= p.sk_first_tile) it.v = fm_sk_enter(p);
+    } else {
+        /* the next piece starts at the next tile's first unit, if still in this CTA's share */
+        const int next = ((-it.v - 1) / p.sk_blocks + 1) * p.sk_blocks;
+        it.v = next < fm_sk_bound((int)blockIdx.x + 1, p) ? -(next + 1) : FM_ITER_DONE;
+    }
+#else
     if (fm_iter_paired(p)) /* v = 2u + k: k = 0 the long tile of unit u, k = 1 the short one */
         it.v = (it.v & 1) ? it.v - 1 + 2 * fm_grid_ctas() : it.v + 1;
     else
         it.v += FM_PERSISTENT ? fm_grid_ctas() : p.num_tiles;
+#endif
 }
 
 /* The (batch, head, m-block) of index v; false for the second half of an odd middle unit,
@@ -312,10 +373,49 @@ static __device__ __forceinline__ bool fm_iter_tile(int v, const fm_attn_kernel_
         mb = (v & 1) ? q : nmb - 1 - q;
         return !((v & 1) && q == nmb - 1 - q);
     }
+#if FM_SPLIT_TAIL
+    if (v < 0) v = p.sk_first_tile + (-v - 1) / p.sk_blocks; /* the piece's tile */
+#endif
     bh = v / nmb;
     const int mi = v - bh * nmb;
     mb = FM_CAUSAL ? nmb - 1 - mi : mi;
     return true;
+}
+
+#if FM_SPLIT_TAIL
+/* What part of its tile the piece of index v < 0 is: key blocks [n_lo, n_hi), and its role
+ * (0: the whole tile, 1: a writer of a partial result, 2: the owner, which merges). */
+struct fm_piece {
+    int n_hi, n_lo, role;
+};
+static __device__ __forceinline__ fm_piece fm_iter_piece(int v, const fm_attn_kernel_params &p) {
+    const int u = -v - 1;
+    const int nb = p.sk_blocks;
+    const int t0 = (u / nb) * nb; /* the tile's first unit */
+    const int w = u - t0;         /* units of the tile before the piece */
+    const int end = min(fm_sk_bound((int)blockIdx.x + 1, p), t0 + nb) - t0;
+    fm_piece r;
+    r.n_hi = nb - w;
+    r.n_lo = nb - end;
+    r.role = w > 0 ? 1 : end < nb ? 2 : 0;
+    return r;
+}
+#endif
+
+/* The tile (or piece of a split tile) of index v. */
+static __device__ __forceinline__ fm_tile fm_iter_make(int v, int bh, int mb,
+                                                       const fm_attn_kernel_params &p) {
+    fm_tile t = fm_make_tile(bh, mb, p);
+#if FM_SPLIT_TAIL
+    if (v < 0) {
+        const fm_piece pc = fm_iter_piece(v, p);
+        t.n_end = min(t.n_end, pc.n_hi);
+        t.n_lo = pc.n_lo;
+    }
+#else
+    (void)v;
+#endif
+    return t;
 }
 
 /* ---- consumer helpers ---------------------------------------------------------------------- */
@@ -606,6 +706,82 @@ static __device__ __forceinline__ void fm_load_q(unsigned q_iter, const fm_tile 
                             64 * c, tile.mb * FM_BM, tile.h, tile.b, fm_l2_policy_evict_first());
 }
 
+#if FM_SPLIT_TAIL
+/* ---- split tail: partial results ------------------------------------------------------------
+ * Slot of (CTA, consumer warpgroup): 128 threads x (D/8 + 1) float4, [k][thread] so that a
+ * warp's 16-byte stores and loads are contiguous: k < D/8 the thread's O accumulators 4k..4k+3,
+ * k = D/8 its (m0, m1, l0, l1). Values stay in the accumulator layout: the owner's thread with
+ * the same index holds the same rows and columns. */
+static __device__ __forceinline__ float4 *fm_sk_slot(const fm_attn_kernel_params &p, int cta,
+                                                     int cw) {
+    return reinterpret_cast<float4 *>(p.sk_partial) +
+           (long long)(cta * FM_CONSUMER_WGS + cw) * (128 * (FM_D / 8 + 1));
+}
+
+static __device__ __forceinline__ void fm_sk_write(const fm_attn_kernel_params &p, int cw,
+                                                   int tid, const float (&o)[FM_D / 2],
+                                                   const float (&m)[2], const float (&l)[2]) {
+    float4 *slot = fm_sk_slot(p, (int)blockIdx.x, cw);
+#pragma unroll
+    for (int k = 0; k < FM_D / 8; k++)
+        __stcg(slot + k * 128 + tid, make_float4(o[4 * k], o[4 * k + 1], o[4 * k + 2], o[4 * k + 3]));
+    __stcg(slot + (FM_D / 8) * 128 + tid, make_float4(m[0], m[1], l[0], l[1]));
+    /* Every thread's stores, then one release of the flag (cumulative over the barrier). */
+    fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+    if (tid == 0) {
+        __threadfence();
+        asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.sk_flags + blockIdx.x * FM_CONSUMER_WGS + cw),
+                     "r"(1u)
+                     : "memory");
+    }
+}
+
+/* The owner of the split tile whose piece has index v: merge the partial results of the CTAs
+ * after this one whose first unit lies in the tile (online-softmax merge: rescale both sides to
+ * the larger maximum). The host zeroes the flags before each launch. */
+static __device__ __forceinline__ void fm_sk_merge(const fm_attn_kernel_params &p, int v, int cw,
+                                                   int tid, float (&o)[FM_D / 2], float (&m)[2],
+                                                   float (&l)[2], float sl2) {
+    const int tile_end = ((-v - 1) / p.sk_blocks + 1) * p.sk_blocks;
+    const int ctas = fm_grid_ctas();
+#pragma unroll 1
+    for (int q = (int)blockIdx.x + 1; q < ctas && fm_sk_bound(q, p) < tile_end; q++) {
+        if (tid == 0) {
+            unsigned *flag = p.sk_flags + q * FM_CONSUMER_WGS + cw;
+            unsigned ready;
+            for (;;) {
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(ready) : "l"(flag) : "memory");
+                if (ready) break;
+                __nanosleep(32);
+            }
+        }
+        fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+        const float4 *slot = fm_sk_slot(p, q, cw);
+        const float4 ml = __ldcg(slot + (FM_D / 8) * 128 + tid);
+        const float pm[2] = {ml.x, ml.y}, pl[2] = {ml.z, ml.w};
+        float a[2], b[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float mx = fmaxf(m[h], pm[h]);
+            /* both -inf: nothing seen on either side, both factors 0 (no inf - inf) */
+            const float ms = mx == fm_neg_inf() ? 0.f : mx * sl2;
+            a[h] = fm_exp2(m[h] * sl2 - ms);
+            b[h] = fm_exp2(pm[h] * sl2 - ms);
+            l[h] = l[h] * a[h] + pl[h] * b[h];
+            m[h] = mx;
+        }
+#pragma unroll
+        for (int k = 0; k < FM_D / 8; k++) {
+            const float4 x = __ldcg(slot + k * 128 + tid);
+            o[4 * k + 0] = o[4 * k + 0] * a[0] + x.x * b[0];
+            o[4 * k + 1] = o[4 * k + 1] * a[0] + x.y * b[0];
+            o[4 * k + 2] = o[4 * k + 2] * a[1] + x.z * b[1];
+            o[4 * k + 3] = o[4 * k + 3] * a[1] + x.w * b[1];
+        }
+    }
+}
+#endif
+
 /* ---- the kernel ----------------------------------------------------------------------------- */
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
     fm_attn_fwd_sm90(const __grid_constant__ fm_tma_desc tmQ,
@@ -668,7 +844,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
         for (fm_iter_init(tiles, p); fm_iter_more(tiles, p); fm_iter_advance(tiles, p)) {
             int bh, mb;
             if (!fm_iter_tile(tiles.v, p, bh, mb)) continue;
-            const fm_tile tile = fm_make_tile(bh, mb, p);
+            const fm_tile tile = fm_iter_make(tiles.v, bh, mb, p);
             if (tile.n_end <= 0) continue; /* consumers write zeros; nothing to load */
             const int hk = tile.h / p.head_group;
 #if FM_Q_STAGES > 1
@@ -677,7 +853,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
              * tile before the previous one. */
             fm_load_q(q_iter, tile, &tmQ, sQ, bar_q_full, bar_q_empty);
 #endif
-            for (int n = tile.n_end - 1; n >= 0; n--) {
+            for (int n = tile.n_end - 1; n >= tile.n_lo; n--) {
                 /* K first: S needs it before V is needed. */
                 fm_mbar_wait(bar_k_empty + 8 * stage, phase ^ 1);
                 fm_mbar_arrive_expect_tx(bar_k_full + 8 * stage, FM_KV_BYTES);
@@ -746,7 +922,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
         for (fm_iter_init(tiles, p); fm_iter_more(tiles, p); fm_iter_advance(tiles, p)) {
             int bh, mb;
             if (!fm_iter_tile(tiles.v, p, bh, mb)) continue;
-            const fm_tile tile = fm_make_tile(bh, mb, p);
+            const fm_tile tile = fm_iter_make(tiles.v, bh, mb, p);
             const int first_row = tile.mb * FM_BM + cw * 64; /* first query row of this WG */
 
             if (tile.n_end <= 0) {
@@ -796,10 +972,11 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             c.qdesc = qdesc0 + (unsigned long long)(qslot * (FM_Q_BYTES >> 4));
             fm_mbar_wait(bar_q_full + 8 * qslot, (q_iter / FM_Q_STAGES) & 1);
             int n = tile.n_end - 1;
+            const int n_lo = tile.n_lo;
 #pragma unroll 1
-            for (; n >= wg_end; n--) fm_skip_block(c);
+            for (; n >= max(wg_end, n_lo); n--) fm_skip_block(c);
 #if FM_INTRA_OVERLAP
-            if (n < 0) {
+            if (n < n_lo) {
                 /* Nothing visible to these rows: O = 0, l = 0 (the epilogue writes 0 / -inf). */
                 fm_mbar_arrive(bar_q_empty + 8 * qslot);
             } else {
@@ -814,10 +991,10 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                 c.advance();
                 n--;
 #pragma unroll 1
-                for (; n >= 0 && n >= wg_mask_from; n--)
+                for (; n >= n_lo && n >= wg_mask_from; n--)
                     fm_step_overlap<true>(c, n, o, s, pa, m, l, scl, pstage, pphase);
 #pragma unroll 1
-                for (; n >= 0; n--)
+                for (; n >= n_lo; n--)
                     fm_step_overlap<false>(c, n, o, s, pa, m, l, scl, pstage, pphase);
                 /* Every S product is done (the last step waited for all groups): Q may go. */
                 fm_mbar_arrive(bar_q_empty + 8 * qslot);
@@ -831,11 +1008,27 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             }
 #else
 #pragma unroll 1
-            for (; n >= 0 && n >= wg_mask_from; n--)
+            for (; n >= n_lo && n >= wg_mask_from; n--)
                 fm_step_serial<true>(c, n, o, s, pa, m, l, scl);
 #pragma unroll 1
-            for (; n >= 0; n--) fm_step_serial<false>(c, n, o, s, pa, m, l, scl);
+            for (; n >= n_lo; n--) fm_step_serial<false>(c, n, o, s, pa, m, l, scl);
             fm_mbar_arrive(bar_q_empty + 8 * qslot);
+#endif
+#if FM_SPLIT_TAIL
+            if (tiles.v < 0) {
+                const int v = fm_opaque(tiles.v);
+                const fm_piece pc = fm_iter_piece(v, p);
+                if (pc.role == 1) {
+                    /* A writer: the partial result goes to this CTA's slot; no output. */
+                    fm_sk_write(p, cw, tid, o, m, l);
+#if !FM_O_SEPARATE
+                    fm_mbar_arrive(bar_o_empty); /* the staging area was not touched */
+#endif
+                    q_iter++;
+                    continue;
+                }
+                if (pc.role == 2) fm_sk_merge(p, v, cw, tid, o, m, l, c.sl2);
+            }
 #endif
             /* ---- epilogue: normalise, stage through this WG's Q rows, 16-byte stores ---- */
             /* Where the rows go, derived again from the tile index rather than kept live through

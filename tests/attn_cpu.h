@@ -157,9 +157,14 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
         fm_fill_normal16(hk, nk, bf, seed + 1);
         fm_fill_normal16(hv, nv, bf, seed + 2);
     }
-    CUdeviceptr q = 0, k = 0, v = 0, o = 0, l = 0;
+    CUdeviceptr q = 0, k = 0, v = 0, o = 0, l = 0, ws = 0;
+    size_t ws_bytes = 0;
+    fm_attention_workspace_size(ctx, &a, &ws_bytes);
     fm_context_enter(ctx);
     CUresult r = d->cuMemAlloc(&q, nq * 2);
+    /* split-tail workspace, poisoned: a merge of a partial never written reads NaN */
+    if (r == CUDA_SUCCESS && ws_bytes) r = d->cuMemAlloc(&ws, ws_bytes);
+    if (r == CUDA_SUCCESS && ws_bytes) r = d->cuMemsetD8(ws, 0xFF, ws_bytes);
     if (!c->packed) {
         if (r == CUDA_SUCCESS) r = d->cuMemAlloc(&k, nk * 2);
         if (r == CUDA_SUCCESS) r = d->cuMemAlloc(&v, nv * 2);
@@ -188,6 +193,8 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
     a.v = (void *)(uintptr_t)v;
     a.o = (void *)(uintptr_t)o;
     a.lse = c->lse ? (float *)(uintptr_t)l : NULL;
+    a.workspace = (void *)(uintptr_t)ws;
+    a.workspace_bytes = ws_bytes;
     fm_status s;
     if (cfg) {
         const fm_loaded *kern;
@@ -240,6 +247,7 @@ out:
     }
     if (o) d->cuMemFree(o);
     if (l) d->cuMemFree(l);
+    if (ws) d->cuMemFree(ws);
     fm_context_leave(ctx);
     free(hq);
     if (!c->packed) {

@@ -185,6 +185,23 @@ int main(void) {
     a = args(1, 128, 128, 0);
     a.v = NULL;
     CHECK(fm_attention_select(ctx, &a, &none) == FM_ERR_INVALID_ARGUMENT, "NULL v accepted");
+    /* workspace: size from the device (132 SMs x 3 warpgroups x 128 threads x (D/2 + 4) floats
+     * after the flags, 132 x 3 words rounded up to 256 bytes), too small or misaligned rejected */
+    size_t ws = 0;
+    a = args(1, 128, 128, 0);
+    CHECK(fm_attention_workspace_size(ctx, &a, &ws) == FM_OK && ws == 1792 + 132 * 3 * 128 * 68 * 4,
+          "workspace size %zu", ws);
+    a.workspace = (void *)(size_t)0x200000;
+    a.workspace_bytes = ws - 1;
+    CHECK(fm_attention_select(ctx, &a, &none) == FM_ERR_INVALID_ARGUMENT, "short workspace accepted");
+    CHECK(strstr(fm_last_error(ctx), "workspace_bytes") != NULL, "message: %s", fm_last_error(ctx));
+    a.workspace_bytes = ws;
+    a.workspace = (void *)(size_t)0x200008;
+    CHECK(fm_attention_select(ctx, &a, &none) == FM_ERR_INVALID_ARGUMENT, "misaligned workspace accepted");
+    a.workspace = (void *)(size_t)0x200000;
+    CHECK(fm_attention_select(ctx, &a, &none) == FM_OK, "good workspace rejected: %s", fm_last_error(ctx));
+    a.head_dim = 96;
+    CHECK(fm_attention_workspace_size(ctx, &a, &ws) == FM_ERR_UNSUPPORTED, "workspace for d=96");
     free_context(ctx);
 
     /* 8. no device: context creation says so */

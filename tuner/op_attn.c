@@ -17,7 +17,7 @@
 
 typedef struct attn_state {
     fm_attention_args a;
-    CUdeviceptr q, k, v, o, lse, o_ref, lse_ref;
+    CUdeviceptr q, k, v, o, lse, o_ref, lse_ref, ws;
     size_t q_elems, kv_elems;
     float *h_ref, *h_lse_ref; /* reference on the host */
     unsigned short *h_out;
@@ -104,7 +104,7 @@ static double attn_flops(const fm_problem *prob) {
 static void attn_teardown(void *state) {
     attn_state *st = state;
     if (!st) return;
-    CUdeviceptr bufs[] = {st->q, st->k, st->v, st->o, st->lse, st->o_ref, st->lse_ref};
+    CUdeviceptr bufs[] = {st->q, st->k, st->v, st->o, st->lse, st->o_ref, st->lse_ref, st->ws};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) st->drv->cuMemFree(bufs[i]);
     free(st->h_ref);
@@ -143,6 +143,14 @@ static fm_status attn_setup(fm_context *ctx, const fm_problem *prob, void **stat
     CK(d->cuMemAlloc(&st->lse, lse_elems * 4), "allocating lse");
     CK(d->cuMemAlloc(&st->o_ref, st->q_elems * 4), "allocating the reference");
     CK(d->cuMemAlloc(&st->lse_ref, lse_elems * 4), "allocating the reference lse");
+    /* the split-tail workspace, as a serving caller would pass it */
+    size_t ws_bytes = fm_attn_workspace_bytes(ctx, a->head_dim);
+    if (ws_bytes) {
+        CK(d->cuMemAlloc(&st->ws, ws_bytes), "allocating the workspace");
+        CK(d->cuMemsetD8(st->ws, 0xFF, ws_bytes), "poisoning the workspace");
+        a->workspace = (void *)(uintptr_t)st->ws;
+        a->workspace_bytes = ws_bytes;
+    }
     st->h_ref = malloc(st->q_elems * 4);
     st->h_lse_ref = malloc(lse_elems * 4);
     st->h_out = malloc(st->q_elems * 2);

@@ -13,6 +13,11 @@ typedef struct fm_attn_kernel_params {
     const void *v;
     void *o;
     float *lse;                 /* [B, H, Sq] fp32, or 0 */
+    /* Split tail (sm90, persistent, not causal; see attn_fwd_sm90.cu): per CTA and consumer
+     * warpgroup one partial-result slot and one ready flag (zeroed by the host before the
+     * launch). Unused when sk_units is 0. */
+    float *sk_partial;
+    unsigned *sk_flags;
     long long q_stride_b, q_stride_s, q_stride_h;
     long long k_stride_b, k_stride_s, k_stride_h;
     long long v_stride_b, v_stride_s, v_stride_h;
@@ -24,7 +29,9 @@ typedef struct fm_attn_kernel_params {
     int num_tiles;              /* num_m_blocks * heads * batch (persistent schedulers) */
     float softmax_scale;        /* scale applied to q.k */
     float scale_log2;           /* softmax_scale * log2(e): exp(s*x) == exp2(scale_log2*x) */
-    int pad_;
+    int sk_first_tile;          /* tiles below run whole (strided); the rest are split by key block */
+    int sk_units;               /* key blocks in the split region: (num_tiles - sk_first_tile) * n_k */
+    int sk_blocks;              /* key blocks per tile, n_k = ceil(seqlen_k / BLOCK_N) */
 } fm_attn_kernel_params;
 
 #endif

@@ -262,9 +262,10 @@ static __device__ __forceinline__ fm_tile fm_make_tile(int bh, int mb,
  *    unit alone.
  *  - Split tail (FM_SPLIT_TAIL, persistent and not causal): with T tiles on G CTAs the last
  *    round is only (T mod G) / G full, e.g. 2048 tiles of d128 on 132 SMs are 15.5 rounds that
- *    take 16. The host leaves the first (T / G - 1) * G tiles to the strided schedule and makes
- *    the rest, between G and 2G tiles, a row of units of one key block each (sk_units =
- *    tiles * sk_blocks, tile after tile, each tile's blocks in visiting order, last first); CTA
+ *    take 16. The host leaves the first T / G * G tiles (a round fewer where the rest is too
+ *    small, see the launcher) to the strided schedule and makes the rest a row of units of one
+ *    key block each (sk_units = tiles * sk_blocks, tile after tile, each tile's blocks in
+ *    visiting order, last first); CTA
  *    j takes units [j * sk_units / G, (j + 1) * sk_units / G), cut into pieces at tile edges.
  *    A piece that starts a tile but does not finish it is the tile's owner; a piece that
  *    starts inside a tile is a writer and is always its CTA's first unit, so every CTA writes

@@ -243,7 +243,7 @@ int main(void) {
         /* Split tail (bf16 only: the split is dtype-blind): 3 x 20 heads x 300 rows against
          * 1333 keys (GQA 4:1) is 120 (block_m 192), 180 (128) or 300 (64) tiles of 7 to 21 key
          * blocks on a 132-SM card: a partial last round, tiles split over two and three CTAs,
-         * a strided phase before the split one (block_m 64), ragged rows and keys. */
+         * a strided phase before the split one (block_m 64 and 128), ragged rows and keys. */
         if (fm_config_int(&all.v[i], "split_tail", 0) == 1 &&
             !strcmp(fm_config_str(&all.v[i], "dtype"), "bf16")) {
             c = case_of(&all.v[i], 3, 300, 1333, 20, 5, 1);

@@ -2,7 +2,7 @@
 -- K/V ring, one producer warpgroup and 1..3 consumer warpgroups with wgmma, online softmax in
 -- registers. See the template's header for the design.
 --
--- Launch (runtime/attn_launch_sm90.c): arguments (tmQ, tmK, tmV, params) where the tensor maps
+-- Launch (runtime/attn_launch_sm90.c): arguments (tmQ, tmK, tmV, tmO, params) where the tensor maps
 -- describe Q, K, V as 4-D (D, S, H, B) bf16/fp16 tensors with 128-byte swizzle and boxes of
 -- {64, block_m, 1, 1} (Q) and {64, block_n, 1, 1} (K, V); grid = num_tiles blocks
 -- (num_tiles = ceil(Sq / block_m) * H * B), or min(num_tiles, SMs) when persistent.
@@ -18,7 +18,10 @@ local REGS_PER_SM = 65536
 --        longer softmax; 128x128 halves the causal diagonal's waste of 192 rows (with five
 --        stages, for short causal tiles of two or three key blocks, so that the producer runs a
 --        whole tile ahead and the next head's first K/V blocks arrive from HBM in time); 64x128
---        is the one-consumer variant for short query lengths.
+--        is the one-consumer variant for short query lengths; 128x64 and 192x64 for short causal
+--        rows, where the diagonal key block is half masked: with 64 keys per block a
+--        warpgroup skips the diagonal half its rows never see (fm_skip_block), so causal S = 512
+--        multiplies 1.12x the useful work instead of 1.25x, at twice the per-block overhead.
 --  d128: 128x128 (160 KB) and 128x176 (208 KB, the most keys per block that fits two stages
 --        beside Q; better for long non-causal rows); 64x128 for short query lengths.
 --  d256: O alone takes 128 registers; 128x80 (224 KB) is the largest block_n that fits two
@@ -34,7 +37,7 @@ local REGS_PER_SM = 65536
 --        the table.
 local TILES = {
   [64] = { { 192, 128, 3, 1 }, { 128, 192, 3, 1 }, { 128, 128, 3, 1 }, { 128, 128, 5, 1 },
-           { 64, 128, 3, 1 },
+           { 64, 128, 3, 1 }, { 128, 64, 5, 1 }, { 192, 64, 5, 1 },
            { 64, 128, 2, 2 }, { 64, 64, 3, 2 } },
   [128] = { { 128, 128, 2, 1 }, { 128, 176, 2, 1 }, { 64, 128, 2, 1 } },
   [256] = { { 128, 80, 2, 1 }, { 128, 64, 2, 1 }, { 64, 64, 2, 1 } },
@@ -149,6 +152,10 @@ return {
     -- tiles out by key block, and the owners of the split tiles merge partial results. Needs the
     -- caller's workspace (fm_attention_workspace_size); without one it runs unsplit.
     { name = "split_tail", values = { 0, 1 }, default = 0 },
+    -- Output store: 0 every consumer thread copies its rows from the staging area to global
+    -- memory with 16-byte stores; 1 one thread hands them to the copy engine (TMA store) and the
+    -- warpgroup starts its next tile at once. Only with a staging buffer of its own.
+    { name = "tma_store", values = { 0, 1 }, default = 0 },
   },
 
   constraints = {
@@ -205,6 +212,10 @@ return {
       end,
     },
     {
+      reason = "tma_store only with the output staged in a buffer of its own (o_separate): in the V ring the next tile's V copies would have to wait for the store",
+      check = function(c) return c.tma_store == 0 or o_separate(c) end,
+    },
+    {
       reason = "two CTAs per SM only with one consumer warpgroup (more would not fit the register file twice)",
       check = function(c) return c.ctas_per_sm == 1 or c.consumer_wgs == 1 end,
     },
@@ -233,6 +244,7 @@ return {
       c.ctas_per_sm == 1 and "" or string.format("_x%d", c.ctas_per_sm))
       .. (c.q_stages == 1 and "" or string.format("_q%d", c.q_stages))
       .. (c.split_tail == 1 and "_sk" or "")
+      .. (c.tma_store == 1 and "_ts" or "")
   end,
 
   defines = function(c)
@@ -252,6 +264,7 @@ return {
       FM_CTAS_PER_SM = c.ctas_per_sm,
       FM_Q_STAGES = c.q_stages,
       FM_SPLIT_TAIL = c.split_tail,
+      FM_TMA_STORE = c.tma_store,
       FM_PRODUCER_REGS = sp and c.producer_regs or 0,
       FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,
     }
@@ -268,7 +281,8 @@ return {
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
     local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
-      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, split_tail = 0 }
+      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, split_tail = 0,
+      tma_store = 0 }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then

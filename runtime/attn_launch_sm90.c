@@ -64,7 +64,7 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
     p->sk_units = 0;
     p->sk_blocks = 0;
 
-    CUtensorMap tm[3];
+    CUtensorMap tm[4];
     memset(tm, 0, sizeof tm);
     fm_status s;
     if ((s = encode_map(ctx, &tm[0], "tensor map of q", a->dtype, a->q, a->head_dim, a->seqlen_q,
@@ -73,6 +73,12 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
                         a->kv_heads, a->batch, a->k_stride, (int)bn)) != FM_OK ||
         (s = encode_map(ctx, &tm[2], "tensor map of v", a->dtype, a->v, a->head_dim, a->seqlen_k,
                         a->kv_heads, a->batch, a->v_stride, (int)bn)) != FM_OK)
+        return s;
+    /* O, for configurations that store the output through the copy engine: boxes of 64 rows
+     * (one consumer warpgroup's rows); rows past seqlen_q are clipped by the map. */
+    if (fm_config_int(&k->cfg, "tma_store", 0) == 1 &&
+        (s = encode_map(ctx, &tm[3], "tensor map of o", a->dtype, a->o, a->head_dim, a->seqlen_q,
+                        a->heads, a->batch, a->o_stride, 64)) != FM_OK)
         return s;
 
     /* Persistent: as many CTAs as can be resident (ctas_per_sm per SM: the configuration is
@@ -119,7 +125,7 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
                                               k->smem_bytes);
     if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);
 
-    void *args[] = {&tm[0], &tm[1], &tm[2], p};
+    void *args[] = {&tm[0], &tm[1], &tm[2], &tm[3], p};
     r = ctx->drv->cuLaunchKernel(k->fn, (unsigned)grid, 1, 1, (unsigned)k->threads, 1, 1,
                                  (unsigned)k->smem_bytes, stream, args, NULL);
     return r == CUDA_SUCCESS ? FM_OK : fm_cuda_error(ctx, ctx->drv, r, k->name);

@@ -87,6 +87,9 @@
 #ifndef FM_Q_STAGES
 #define FM_Q_STAGES 1 /* Q buffers: 2 lets a persistent CTA load the next tile's Q early */
 #endif
+#ifndef FM_TMA_STORE
+#define FM_TMA_STORE 0 /* the output leaves the staging area by TMA store (FM_O_SEPARATE only) */
+#endif
 #ifndef FM_SPLIT_TAIL
 #define FM_SPLIT_TAIL 0 /* split the last tiles of a persistent non-causal grid by key block */
 #endif
@@ -153,6 +156,12 @@
 #endif
 #if FM_Q_STAGES != 1 && FM_Q_STAGES != 2
 #error "FM_Q_STAGES must be 1 or 2"
+#endif
+#if FM_TMA_STORE != 0 && FM_TMA_STORE != 1
+#error "FM_TMA_STORE must be 0 or 1"
+#endif
+#if FM_TMA_STORE && !FM_O_SEPARATE
+#error "FM_TMA_STORE needs FM_O_SEPARATE (a staging buffer no copy into shared memory reuses)"
 #endif
 #if FM_SPLIT_TAIL != 0 && FM_SPLIT_TAIL != 1
 #error "FM_SPLIT_TAIL must be 0 or 1"
@@ -787,7 +796,8 @@ static __device__ __forceinline__ void fm_sk_merge(const fm_attn_kernel_params &
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
     fm_attn_fwd_sm90(const __grid_constant__ fm_tma_desc tmQ,
                      const __grid_constant__ fm_tma_desc tmK,
-                     const __grid_constant__ fm_tma_desc tmV, const fm_attn_kernel_params p) {
+                     const __grid_constant__ fm_tma_desc tmV,
+                     const __grid_constant__ fm_tma_desc tmO, const fm_attn_kernel_params p) {
     extern __shared__ __align__(1024) unsigned char fm_smem_raw[];
     const unsigned raw = fm_smem_u32(fm_smem_raw);
     const unsigned sQ = (raw + 1023u) & ~1023u;
@@ -811,6 +821,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
         fm_tma_prefetch_desc(&tmQ);
         fm_tma_prefetch_desc(&tmK);
         fm_tma_prefetch_desc(&tmV);
+#if FM_TMA_STORE
+        fm_tma_prefetch_desc(&tmO);
+#endif
         /* Every consumer thread arrives: on q_empty after its last S product of a tile, on
          * o_empty after its epilogue has read the output back out of the V ring. */
         for (int q = 0; q < FM_Q_STAGES; q++) {
@@ -1062,7 +1075,11 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
              * conflicts. */
 #if FM_O_SEPARATE
             /* This warpgroup's own rows: only its warps' reads of the previous tile's output
-             * (rows other warps wrote) must be done before they are overwritten. */
+             * (rows other warps wrote, or the copy engine's store) must be done before they are
+             * overwritten. */
+#if FM_TMA_STORE
+            if (tid == 0) fm_tma_store_wait_read<0>();
+#endif
             fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
             const unsigned so = sQ + FM_OFF_O + (unsigned)(cw * 64 * FM_D * 2);
 #else
@@ -1083,6 +1100,21 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                                                          o[4 * i + 2 * h + 1] * inv[h]));
                 }
             }
+#if FM_TMA_STORE
+            /* One thread hands the rows to the copy engine (rows past seqlen_q fall outside the
+             * tensor map and are not written) and the warpgroup goes on to its next tile; the
+             * staging area is waited for before its next use. */
+            fm_fence_proxy_async();
+            fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+            if (tid == 0) {
+#pragma unroll
+                for (int ch = 0; ch < FM_DCHUNKS; ch++)
+                    fm_tma_store_4d(&tmO, so + (unsigned)(ch * 64 * 128), 64 * ch, row_base, eh, eb);
+                fm_tma_store_commit();
+            }
+            (void)og;
+            (void)o_base;
+#else
             fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
 #pragma unroll
             for (int it = 0; it < 64 * FM_D / 8 / 128; it++) {
@@ -1097,6 +1129,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                     fm_st_global_v4(og + o_base + (long long)(row_base + r) * p.o_stride_s + cu * 8,
                                     v);
             }
+#endif
 #if !FM_O_SEPARATE
             /* The next tile's V copies (async proxy) overwrite the staging area: order our
              * generic accesses before them, then release it. */
@@ -1105,5 +1138,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
 #endif
             q_iter++;
         }
+#if FM_TMA_STORE
+        /* the shared memory must outlive the copy engine's last read of it */
+        if (tid == 0) fm_tma_store_wait_read<0>();
+#endif
     }
 }

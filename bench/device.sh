@@ -7,6 +7,8 @@
 #   tune      fmtune --gpu auto --shape 8x4096x128 (the mission), then the served check
 #   tunegrid  fmtune over the benchmark grid (GRID_DIMS, GRID_SEQS, GRID_CAUSAL, GRID_FAMILIES,
 #             GRID_ARGS)
+#   retune    fmtune over the benchmark grid and the mission, sm90 family, each (head dim, causal)
+#             restricted to the tile shapes that won it on both cards so far (bench/NOTES.md)
 #   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG (BENCH_ONLY:
 #             its --only points)
 #   benchq    the same on a reduced grid
@@ -45,6 +47,20 @@ for stage in "$@"; do
           --runs 10 $fam ${GRID_ARGS:-} >> "$OUT/tunegrid.log" 2>&1
       done; done; done
       grep "^best" "$OUT/tunegrid.log" ;;
+    retune)
+      for d in 64 128 256; do for c in 0 1; do
+        m=_m128_; [ $d = 64 ] && { [ $c = 0 ] && m=_m192_ || m=_sm90_; }
+        cf=""; [ $c = 1 ] && cf=--causal
+        for s in 512 1024 2048 4096 8192 16384; do
+          "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $cf --db "$FLASHMOE_DB" \
+            --runs 10 --families attn_fwd_sm90 --match $m >> "$OUT/retune.log" 2>&1
+        done
+      done; done
+      for cf in "" --causal; do
+        "$B/fmtune" --gpu auto --shape 8x4096x128 $cf --db "$FLASHMOE_DB" --runs 10 --families attn_fwd_sm90 \
+          --match _m128_ >> "$OUT/retune.log" 2>&1
+      done
+      grep "^best" "$OUT/retune.log" | sed 's/ (recorded.*//' ;;
     bench)
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;
     benchq)

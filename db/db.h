@@ -123,6 +123,15 @@ fm_status fm_db_add_measurement(fm_db *db, const fm_db_measurement *m, char *err
  * "ok" measurement (imported from a dump that carried only best rows) are kept. */
 fm_status fm_db_recompute_best(fm_db *db, char *err, size_t errlen);
 
+/* The tuner's sustained-load mode (fmtune --sustained): every "ok" measurement of (device, op,
+ * dtype, shape) whose tool_version does not end in " sustained" becomes "rejected" with a detail
+ * that keeps its median ("superseded by sustained-load timing"), so that best is chosen among
+ * the sustained-load timings only (burst timings of other variants run at boost clocks and
+ * would otherwise always win); best is recomputed for that key. *changed gets the row count. */
+#define FM_DB_SUSTAINED_SUFFIX " sustained"
+fm_status fm_db_supersede_burst(fm_db *db, long long device_id, const char *op, const char *dtype,
+                                const char *shape, int *changed, char *err, size_t errlen);
+
 /* ---- reading ------------------------------------------------------------------------------- */
 /* *found = 1 when any measurement (any status) exists for this device name, op, dtype, shape and
  * configuration name: the tuner skips it when resuming. */

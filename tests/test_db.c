@@ -192,6 +192,13 @@ static fm_status add_meas(fm_db *db, long long dev, long long cfg, const char *s
     return fm_db_add_measurement(db, &m, err, sizeof err);
 }
 
+static int count_rejected_cb(void *user, const fm_db_measurement *m) {
+    if (!strcmp(m->status, "rejected") && m->detail && strstr(m->detail, "superseded by sustained") &&
+        strstr(m->detail, "burst median"))
+        ++*(long long *)user;
+    return 0;
+}
+
 static int count_cb(void *user, const fm_db_measurement *m) {
     (void)m;
     ++*(long long *)user;
@@ -1041,6 +1048,72 @@ typedef struct test_case {
     void (*fn)(void);
 } test_case;
 
+/* fmtune --sustained: burst rows of the key become "rejected" (median kept in the detail), the
+ * sustained rows stay, best is the fastest sustained one even though a burst row was faster;
+ * other keys and other devices are untouched. */
+static void case_supersede_burst(void) {
+    fm_db *db = open_new("sustained.db");
+    REQUIRE(db);
+    long long dev = add_device(db, "NVIDIA H100 80GB HBM3", 9, 0);
+    long long dev2 = add_device(db, "NVIDIA H200", 9, 0);
+    long long c1 = add_config(db, "cfg_1", "block_m=128");
+    long long c2 = add_config(db, "cfg_2", "block_m=192");
+    const char *s = "t=4096,e=256,k=8,h=7168,i=2048", *other = "t=1024,e=256,k=8,h=7168,i=2048";
+    CHECK_ST(add_meas(db, dev, c1, s, "ok", 6.9, 100), FM_OK);
+    CHECK_ST(add_meas(db, dev, c2, s, "ok", 7.3, 100), FM_OK);
+    CHECK_ST(add_meas(db, dev, c1, other, "ok", 3.3, 100), FM_OK);
+    CHECK_ST(add_meas(db, dev2, c1, s, "ok", 6.6, 100), FM_OK);
+    fm_db_measurement m;
+    fm_db_measurement_init(&m);
+    m.device_id = dev;
+    m.op = "attn_fwd";
+    m.dtype = "bf16";
+    m.shape = s;
+    m.status = "ok";
+    m.tool_version = "fmtune 0.1.0" FM_DB_SUSTAINED_SUFFIX;
+    m.created_at = 101;
+    m.config_id = c1;
+    m.median_ms = 10.1;
+    CHECK_ST(fm_db_add_measurement(db, &m, err, sizeof err), FM_OK);
+    m.config_id = c2;
+    m.median_ms = 9.3;
+    CHECK_ST(fm_db_add_measurement(db, &m, err, sizeof err), FM_OK);
+    fm_db_best b;
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H100 80GB HBM3", "attn_fwd", "bf16", s, &b, err, sizeof err),
+             FM_OK);
+    CHECK(strcmp(b.config_name, "cfg_1") == 0 && b.median_ms == 6.9); /* the burst row, before */
+    int changed = -1;
+    CHECK_ST(fm_db_supersede_burst(db, dev, "attn_fwd", "bf16", s, &changed, err, sizeof err), FM_OK);
+    CHECK(changed == 2);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H100 80GB HBM3", "attn_fwd", "bf16", s, &b, err, sizeof err),
+             FM_OK);
+    CHECK(strcmp(b.config_name, "cfg_2") == 0 && b.median_ms == 9.3);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H100 80GB HBM3", "attn_fwd", "bf16", other, &b, err,
+                               sizeof err),
+             FM_OK);
+    CHECK(b.median_ms == 3.3);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H200", "attn_fwd", "bf16", s, &b, err, sizeof err), FM_OK);
+    CHECK(b.median_ms == 6.6);
+    /* the superseded rows keep their numbers in the detail, and stay out of a full recompute */
+    fm_db_filter f;
+    memset(&f, 0, sizeof f);
+    f.device_name = "NVIDIA H100 80GB HBM3";
+    f.shape = s;
+    long long nrej = 0;
+    CHECK_ST(fm_db_foreach_measurement(db, &f, count_rejected_cb, &nrej, err, sizeof err), FM_OK);
+    CHECK(nrej == 2);
+    CHECK_ST(fm_db_recompute_best(db, err, sizeof err), FM_OK);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H100 80GB HBM3", "attn_fwd", "bf16", s, &b, err, sizeof err),
+             FM_OK);
+    CHECK(strcmp(b.config_name, "cfg_2") == 0);
+    /* again: nothing left to supersede */
+    CHECK_ST(fm_db_supersede_burst(db, dev, "attn_fwd", "bf16", s, &changed, err, sizeof err), FM_OK);
+    CHECK(changed == 0);
+    CHECK_ST(fm_db_supersede_burst(db, dev, "attn_fwd", "", s, &changed, err, sizeof err),
+             FM_ERR_INVALID_ARGUMENT);
+    fm_db_close(db);
+}
+
 static const test_case cases[] = {
     {"schema version, application id, WAL", case_schema_version},
     {"db/schema.sql matches the migrations", case_schema_sql_matches},
@@ -1057,6 +1130,7 @@ static const test_case cases[] = {
     {"read-only open writes nothing", case_readonly_leaves_no_trace},
     {"4 concurrent writer processes", case_concurrent_writers},
     {"read-only open in a read-only directory", case_readonly_directory},
+    {"sustained-load timings supersede burst timings", case_supersede_burst},
 };
 
 static void rm_tree(const char *dir) {

@@ -33,5 +33,14 @@ FMTUNE_TEST_CRASH=1 "$fmtune" --gpu auto --shape 1x300x64 --heads 2 --db "$work/
 grep -q " fault " "$work/err3" && ok || bad "the crash was not recorded as a fault"
 [ "$(grep -c " ok " "$work/out3")" -ge 1 ] && ok || bad "no variant measured after the crash"
 "$fmtune" db show --db "$work/crash.sqlite" | grep -q "fault" && ok || bad "the fault is not in the database"
+# --sustained: the fastest three re-timed under load, best chosen among them, burst rows superseded
+"$fmtune" --gpu auto --shape 4x2048x128 --heads 8 --db "$work/sustained.sqlite" --runs 5 \
+  --max-variants 5 --sustained 3 > "$work/out4" 2> "$work/err4"; rc=$?
+[ $rc = 0 ] && ok || { bad "tune --sustained exited $rc"; tail -n 20 "$work/err4"; }
+grep -q "configuration (sustained load)" "$work/err4" && ok || bad "no sustained table"
+grep -q "burst timings of this shape superseded" "$work/err4" && ok || bad "burst timings not superseded"
+"$fmtune" db export --db "$work/sustained.sqlite" -o "$work/sustained.sql" && ok || bad "db export failed"
+[ "$(grep -c "superseded by sustained" "$work/sustained.sql")" -ge 2 ] && ok ||
+  bad "the superseded rows are not in the database"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]

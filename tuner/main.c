@@ -43,6 +43,8 @@ static void usage(FILE *f) {
 "  --match TEXT          only variants whose name contains TEXT (e.g. _ws, m192)\n"
 "  --max-variants N      measure at most N variants     --budget SECONDS  time budget for measuring\n"
 "  --runs N              timed runs per variant (default 30; the median is kept)\n"
+"  --sustained K         time the K fastest again under sustained load (rounds of ~250 ms of\n"
+"                        back-to-back launches, interleaved); best is chosen among those\n"
 "  --jobs N              compile threads (default: CPUs)\n"
 "  --timeout SECONDS     per-variant limit (default 300)\n"
 "  --retune              measure again what the database already holds\n"
@@ -424,6 +426,10 @@ int main(int argc, char **argv) {
             if (!strcmp(a, "--runs")) o.runs = (int)x;
             else if (!strcmp(a, "--jobs")) o.jobs = (int)x;
             else o.max_variants = (int)x;
+        } else if (!strcmp(a, "--sustained")) {
+            NEED_VAL if (parse_int(val, 2, 64, &x))
+                return die_usage("--sustained needs a number of candidates in 2..64", a);
+            o.sustained = (int)x;
         } else if (!strcmp(a, "--budget") || !strcmp(a, "--timeout")) {
             NEED_VAL if (parse_double(val, &dv) || dv <= 0)
                 return die_usage("%s needs a positive number of seconds", a);

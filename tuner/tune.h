@@ -21,6 +21,9 @@ typedef struct fm_tune_opts {
     int json;
     int retune;               /* measure again even what the database already holds */
     double variant_timeout_s; /* a variant running longer is killed and recorded "timeout" */
+    int sustained;            /* 0, or K >= 2: re-time the K fastest under sustained load */
+    int sustain_rounds;       /* worker side: rounds of the sustained timing (0: burst mode) */
+    double sustain_ms;        /* worker side: length of one variant's turn in a round */
 } fm_tune_opts;
 
 /* Exit codes of fmtune. */

@@ -6,7 +6,7 @@
  * Inputs are fresh uniform random numbers drawn on the GPU (fm_moe_fill: the DeepSeek-V3 layer
  * holds 22.5 GB of weights, too much to draw and upload from the host for every shape):
  * hidden ~ U(-1, 1), weights ~ U(-a, a) with a = sqrt(3 / fan_in) (unit-variance products),
- * logits ~ U(-3, 3), correction bias ~ U(-0.25, 0.25). The reference is the moe_ref kernels
+ * logits ~ U(-3, 3), correction bias ~ U(-0.001, 0.001) (see below). The reference is the moe_ref kernels
  * (fp32 formulas, independent routing, no sorting, no tensor cores) run once; the comparison
  * runs on the GPU too (fm_moe_compare), since [T, H] outputs reach hundreds of MB.
  * One set of inputs: the tuner flushes L2 before every timed run, and the weights of the hit
@@ -213,7 +213,12 @@ static fm_status moe_setup(fm_context *ctx, const fm_problem *prob, void **state
     float aw1 = sqrtf(3.0f / (float)H), aw2 = sqrtf(3.0f / (float)I);
     CK(fill(d, f_fill, st->hidden, T * H, 0, -1.f, 1.f, seed + 1), "drawing hidden states");
     CK(fill(d, f_fill, st->logits, T * E, 1, -3.f, 3.f, seed + 2), "drawing logits");
-    CK(fill(d, f_fill, st->bias, E, 1, -0.25f, 0.25f, seed + 3), "drawing the bias");
+    /* The correction bias of a trained DeepSeek-V3 exists to balance the experts' loads. The
+     * top sigmoid scores of a token lie within a few hundredths of each other, so a random bias
+     * of any size decides the choice: U(-0.25, 0.25) left experts with 0 and 1030 tokens at
+     * T = 4096 (mean 128), and the tuner then timed a layer that reads a fraction of the
+     * weights. U(-0.001, 0.001) keeps the path exercised and the loads balanced (89..174). */
+    CK(fill(d, f_fill, st->bias, E, 1, -1e-3f, 1e-3f, seed + 3), "drawing the bias");
     CK(fill(d, f_fill, st->w13, E * 2 * I * H, 0, -aw1, aw1, seed + 4), "drawing w13");
     CK(fill(d, f_fill, st->w2, E * H * I, 0, -aw2, aw2, seed + 5), "drawing w2");
 

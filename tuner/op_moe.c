@@ -6,8 +6,9 @@
  * Inputs are fresh uniform random numbers drawn on the GPU (fm_moe_fill: the DeepSeek-V3 layer
  * holds 22.5 GB of weights, too much to draw and upload from the host for every shape):
  * hidden ~ U(-1, 1), weights ~ U(-a, a) with a = sqrt(3 / fan_in) (unit-variance products),
- * logits ~ U(-3, 3), correction bias ~ U(-0.001, 0.001) (see below). The reference is the moe_ref kernels
- * (fp32 formulas, independent routing, no sorting, no tensor cores) run once; the comparison
+ * logits ~ U(-3, 3), correction bias ~ U(-0.001, 0.001) (see below). The reference is the
+ * moe_ref kernels (fp32 formulas, independent routing, no sorting, no tensor cores) run once;
+ * the comparison
  * runs on the GPU too (fm_moe_compare), since [T, H] outputs reach hundreds of MB.
  * One set of inputs: the tuner flushes L2 before every timed run, and the weights of the hit
  * experts (8 x 88 MB at DeepSeek-V3, T = 1) are far larger than L2 anyway, so `rot` is unused.

@@ -8,8 +8,8 @@
  * hidden ~ U(-1, 1), weights ~ U(-a, a) with a = sqrt(3 / fan_in) (unit-variance products),
  * logits ~ U(-3, 3), correction bias ~ U(-0.001, 0.001) (see below). The reference is the
  * moe_ref kernels (fp32 formulas, independent routing, no sorting, no tensor cores) run once;
- * the comparison
- * runs on the GPU too (fm_moe_compare), since [T, H] outputs reach hundreds of MB.
+ * the comparison runs on the GPU too (fm_moe_compare), since [T, H] outputs reach hundreds
+ * of MB.
  * One set of inputs: the tuner flushes L2 before every timed run, and the weights of the hit
  * experts (8 x 88 MB at DeepSeek-V3, T = 1) are far larger than L2 anyway, so `rot` is unused.
  */

@@ -30,7 +30,9 @@
  *    loads the next tile's Q during the last P V and the epilogue. With FM_Q_STAGES = 2 the
  *    next tile's Q has a slot of its own and is copied as soon as the producer is done with the
  *    current tile, so the consumers find it in place when they start the tile. The output is normalised in
- *    registers, staged through shared memory and written with 16-byte stores. FM_O_SEPARATE:
+ *    registers, staged through shared memory and written with 16-byte stores, or (FM_TMA_STORE)
+ *    handed by one thread to the copy engine, the warpgroup going on to its next tile at once
+ *    (the staging area is waited for before its next use). FM_O_SEPARATE:
  *    the staging area is a buffer of its own, each consumer's 64 rows private to it, so the
  *    warpgroups finish their tiles independently and the next tile's K and V stream in during
  *    the epilogue. Otherwise (no room: d128 with block_n 176, d256 with two consumers) it aliases

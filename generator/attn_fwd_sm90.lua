@@ -92,7 +92,6 @@ end
 local function consumer_need(c)
   local n = c.head_dim // 2 + c.block_n // 2 + 32
   if c.intra_overlap == 1 then n = n + c.block_n // 4 end
-  if c.q_regs == 1 then n = n + c.head_dim // 4 end
   return n
 end
 
@@ -157,10 +156,6 @@ return {
     -- memory with 16-byte stores; 1 one thread hands them to the copy engine (TMA store) and the
     -- warpgroup starts its next tile at once. Only with a staging buffer of its own.
     { name = "tma_store", values = { 0, 1 }, default = 0 },
-    -- Q as the A operand of Q K^T: 0 from shared memory (read again for every key block), 1 from
-    -- registers loaded once per tile (D/4 more registers per consumer thread; a third fewer
-    -- shared-memory bytes read by Q K^T, and the Q slot is free right after the load).
-    { name = "q_regs", values = { 0, 1 }, default = 0 },
   },
 
   constraints = {
@@ -228,8 +223,7 @@ return {
       reason = function(c)
         return string.format("register budget: a consumer needs about %d registers (O %d + S %d%s + 32), has %d",
           consumer_need(c), c.head_dim // 2, c.block_n // 2,
-          (c.intra_overlap == 1 and string.format(" + P %d", c.block_n // 4) or "") ..
-          (c.q_regs == 1 and string.format(" + Q %d", c.head_dim // 4) or ""), consumer_regs(c))
+          c.intra_overlap == 1 and string.format(" + P %d", c.block_n // 4) or "", consumer_regs(c))
       end,
       check = function(c) return consumer_need(c) <= consumer_regs(c) end,
     },
@@ -251,7 +245,6 @@ return {
       .. (c.q_stages == 1 and "" or string.format("_q%d", c.q_stages))
       .. (c.split_tail == 1 and "_sk" or "")
       .. (c.tma_store == 1 and "_ts" or "")
-      .. (c.q_regs == 1 and "_qr" or "")
   end,
 
   defines = function(c)
@@ -272,7 +265,6 @@ return {
       FM_Q_STAGES = c.q_stages,
       FM_SPLIT_TAIL = c.split_tail,
       FM_TMA_STORE = c.tma_store,
-      FM_Q_REGS = c.q_regs,
       FM_PRODUCER_REGS = sp and c.producer_regs or 0,
       FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,
     }
@@ -292,7 +284,7 @@ return {
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
     local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
-      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, head_dim = d, q_regs = 0 }
+      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, head_dim = d }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then

@@ -89,9 +89,6 @@
 #ifndef FM_Q_STAGES
 #define FM_Q_STAGES 1 /* Q buffers: 2 lets a persistent CTA load the next tile's Q early */
 #endif
-#ifndef FM_Q_REGS
-#define FM_Q_REGS 0 /* Q held in registers (A of Q K^T from registers) instead of shared memory */
-#endif
 #ifndef FM_TMA_STORE
 #define FM_TMA_STORE 0 /* the output leaves the staging area by TMA store (FM_O_SEPARATE only) */
 #endif
@@ -161,9 +158,6 @@
 #endif
 #if FM_Q_STAGES != 1 && FM_Q_STAGES != 2
 #error "FM_Q_STAGES must be 1 or 2"
-#endif
-#if FM_Q_REGS != 0 && FM_Q_REGS != 1
-#error "FM_Q_REGS must be 0 or 1"
 #endif
 #if FM_TMA_STORE != 0 && FM_TMA_STORE != 1
 #error "FM_TMA_STORE must be 0 or 1"
@@ -584,9 +578,6 @@ struct fm_consumer {
     int col_lane;   /* 2 * (lane % 4): the thread's first column in each 8-column block */
     int stage;
     unsigned phase;
-#if FM_Q_REGS
-    unsigned qa[FM_D / 16][4]; /* this warpgroup's Q rows as wgmma A fragments, per k16 step */
-#endif
 
     /* Causal: lim0 = g + causal_offset + 1 needs no clipping to seqlen_k, since a stored row
      * (g < seqlen_q) has g + causal_offset + 1 <= seqlen_k; rows past seqlen_q may then see the
@@ -624,43 +615,6 @@ struct fm_consumer {
     }
 };
 
-/* S = Q K_n^T, Q from shared memory (descriptor) or, FM_Q_REGS, from registers. Registers cut
- * the shared-memory reads of Q K^T by a third (Q is read once per tile instead of once per key
- * block); they cost D/4 registers per thread. */
-static __device__ __forceinline__ void fm_qk(fm_consumer &c, float (&s)[FM_BN / 2]) {
-#if FM_Q_REGS
-    const unsigned long long kdesc = c.kdesc(c.stage);
-    fm_wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FM_D / 16; kk++)
-        fm_wgmma<FM_BN>::template rs<FM_DTYPE_BF16, 0>(
-            s, c.qa[kk], kdesc + (fm_kmajor_step<FM_BN>(kk) >> 4), kk > 0 ? 1 : 0);
-    fm_wgmma_commit();
-#else
-    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
-#endif
-}
-
-#if FM_Q_REGS
-/* This warpgroup's 64 Q rows from the slot at sq ([D/64 chunks][BLOCK_M rows][128 bytes], 128-byte
- * swizzle) into A fragments: per k16 step one ldmatrix.x4 per warp (its 16 rows), lanes 0-15
- * address rows 0-15 at k 0-7 and lanes 16-31 the same rows at k 8-15, which returns a[0..3] in
- * the fragment order. */
-static __device__ __forceinline__ void fm_load_q_regs(unsigned (&qa)[FM_D / 16][4], unsigned sq,
-                                                      int cw, int wq, int lane) {
-    const int r = 64 * cw + 16 * wq + (lane & 15);
-#pragma unroll
-    for (int kk = 0; kk < FM_D / 16; kk++) {
-        const int unit = (kk % 4) * 2 + (lane >> 4);
-        const unsigned addr = sq + (unsigned)((kk / 4) * FM_BM * 128 + r * 128 + ((unit ^ (r & 7)) << 4));
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(qa[kk][0]), "=r"(qa[kk][1]), "=r"(qa[kk][2]), "=r"(qa[kk][3])
-                     : "r"(addr)
-                     : "memory");
-    }
-}
-#endif
-
 /* S = Q K_n^T for the current ring slot, waited; K released; masked; softmax. */
 template <bool MASKED>
 static __device__ __forceinline__ void fm_s_and_softmax(fm_consumer &c, int nb,
@@ -668,7 +622,7 @@ static __device__ __forceinline__ void fm_s_and_softmax(fm_consumer &c, int nb,
                                                         float (&l)[2], float (&scl)[2]) {
     fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
     c.turn_sync();
-    fm_qk(c, s);
+    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
     c.turn_pass();
     fm_wgmma_wait<0>();
     fm_fence_regs(s);
@@ -710,7 +664,7 @@ static __device__ __forceinline__ void fm_step_overlap(fm_consumer &c, int nb,
                                                        unsigned &pphase) {
     fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
     c.turn_sync();
-    fm_qk(c, s);
+    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
     fm_rescale(o, scl); /* O was last written by the P V waited on in the previous step */
     fm_mbar_wait(c.bar_v_full + 8 * pstage, pphase);
     fm_gemm_pv(o, pa, c.vdesc(pstage));
@@ -1033,13 +987,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             const unsigned qslot = q_iter % FM_Q_STAGES;
             c.qdesc = qdesc0 + (unsigned long long)(qslot * (FM_Q_BYTES >> 4));
             fm_mbar_wait(bar_q_full + 8 * qslot, (q_iter / FM_Q_STAGES) & 1);
-#if FM_Q_REGS
-            /* Q into registers, then its slot goes back at once (generic reads ordered before
-             * the copy engine's next write into it). */
-            fm_load_q_regs(c.qa, sQ + qslot * FM_Q_BYTES, cw, wq, lane);
-            fm_fence_proxy_async();
-            fm_mbar_arrive(bar_q_empty + 8 * qslot);
-#endif
             int n = tile.n_end - 1;
             const int n_lo = tile.n_lo;
 #pragma unroll 1
@@ -1047,9 +994,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
 #if FM_INTRA_OVERLAP
             if (n < n_lo) {
                 /* Nothing visible to these rows: O = 0, l = 0 (the epilogue writes 0 / -inf). */
-#if !FM_Q_REGS
                 fm_mbar_arrive(bar_q_empty + 8 * qslot);
-#endif
             } else {
                 /* First block: S and softmax only. */
                 if (n >= wg_mask_from)
@@ -1068,9 +1013,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                 for (; n >= n_lo; n--)
                     fm_step_overlap<false>(c, n, o, s, pa, m, l, scl, pstage, pphase);
                 /* Every S product is done (the last step waited for all groups): Q may go. */
-#if !FM_Q_REGS
                 fm_mbar_arrive(bar_q_empty + 8 * qslot);
-#endif
                 /* Last P V. */
                 fm_rescale(o, scl);
                 fm_mbar_wait(bar_v_full + 8 * pstage, pphase);
@@ -1085,9 +1028,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                 fm_step_serial<true>(c, n, o, s, pa, m, l, scl);
 #pragma unroll 1
             for (; n >= n_lo; n--) fm_step_serial<false>(c, n, o, s, pa, m, l, scl);
-#if !FM_Q_REGS
             fm_mbar_arrive(bar_q_empty + 8 * qslot);
-#endif
 #endif
 #if FM_SPLIT_TAIL
             if (tiles.v < 0) {

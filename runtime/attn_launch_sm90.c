@@ -113,8 +113,8 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
             p->sk_flags = (unsigned *)a->workspace;
             p->sk_partial = (float *)((char *)a->workspace + fm_attn_workspace_flags_bytes(ctx));
             grid = g;
-            /* The flags must be zero: each owner zeroes those it consumed, but a launch that
-             * was cut short (or a workspace that was never used) would leave them set. */
+            /* The ready flags must start at zero: each launch sets the ones it uses (and a
+             * fresh workspace holds anything). */
             CUresult r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)a->workspace, 0,
                                                     (size_t)g * 3, stream);
             if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);

@@ -638,90 +638,126 @@ int fm_tune_worker(void) {
     return 0;
 }
 
+/* The tuner's side of a worker's pipe: polls once a second, splits what arrives into lines and
+ * hands each to on_line; on_idle runs after every quiet second. Returns when the worker closes
+ * its end or a callback returns nonzero (the caller then settles with the worker). */
+static void read_worker(int fd, int (*on_line)(void *user, char *line), int (*on_idle)(void *user),
+                        void *user) {
+    char buf[8192];
+    size_t have = 0;
+    for (;;) {
+        struct pollfd pfd = {fd, POLLIN, 0};
+        int pr = poll(&pfd, 1, 1000);
+        if (pr == 0) {
+            if (on_idle(user)) return;
+            continue;
+        }
+        if (pr < 0 && errno == EINTR) continue;
+        ssize_t n = read(fd, buf + have, sizeof buf - 1 - have);
+        if (n <= 0) return;
+        have += (size_t)n;
+        buf[have] = 0;
+        char *line = buf, *nl;
+        while ((nl = strchr(line, '\n'))) {
+            *nl = 0;
+            if (on_line(user, line)) return;
+            line = nl + 1;
+        }
+        have = strlen(line);
+        memmove(buf, line, have + 1);
+    }
+}
+
+/* What measure() follows while one worker runs. */
+typedef struct measuring {
+    const fm_tune_opts *o;
+    variant *v;
+    int nv, ntodo;
+    double flops, limit, began;
+    recorder *rc;
+    pid_t pid;
+    int current, done, ok, start, finished_all, setup_failures;
+} measuring;
+
+static int measuring_line(void *user, char *line) {
+    measuring *m = user;
+    if (line[0] == 'B') {
+        m->current = atoi(line + 2);
+        m->began = now_s();
+    } else if (line[0] == 'R') {
+        int i = parse_result(line, m->v, m->nv, m->flops);
+        if (i >= 0) {
+            if (strcmp(m->v[i].status, "skipped")) {
+                record(m->rc, &m->v[i]);
+                m->ok += !strcmp(m->v[i].status, "ok");
+            }
+            progress(&m->v[i], ++m->done, m->ntodo);
+            m->start++;
+            if (m->start == m->ntodo) m->finished_all = 1;
+        }
+        m->current = -1;
+    } else if (line[0] == 'S') {
+        fprintf(stderr, "fmtune: worker: %s\n", line + 2);
+        m->setup_failures++;
+    }
+    return 0;
+}
+
+/* A variant past its time limit: killed, recorded as a timeout. */
+static int measuring_idle(void *user) {
+    measuring *m = user;
+    if (m->current < 0 || now_s() - m->began <= m->limit) return 0;
+    kill(m->pid, SIGKILL);
+    variant *x = &m->v[m->current];
+    snprintf(x->status, sizeof x->status, "timeout");
+    snprintf(x->detail, sizeof x->detail, "no result after %.0f s", m->limit);
+    return 1;
+}
+
 /* Measures the variants listed in todo (indices into v), restarting the worker after faults.
  * Returns the number measured "ok". */
 static int measure(const fm_tune_opts *o, variant *v, int nv, int *todo, int ntodo, recorder *rc) {
     double deadline = o->budget_s > 0 ? now_s() + o->budget_s : 0;
-    double flops = o->op->flops(&o->prob);
-    int done = 0, ok = 0, setup_failures = 0;
-    int start = 0;
-    while (start < ntodo) {
+    measuring m;
+    memset(&m, 0, sizeof m);
+    m.o = o;
+    m.v = v;
+    m.nv = nv;
+    m.ntodo = ntodo;
+    m.rc = rc;
+    m.flops = o->op->flops(&o->prob);
+    m.limit = o->variant_timeout_s > 0 ? o->variant_timeout_s : 300;
+    while (m.start < ntodo) {
         int fd[2];
-        pid_t pid = spawn_worker(o, v, todo + start, ntodo - start, deadline, fd);
-        if (pid < 0) return ok;
-        char buf[8192];
-        size_t have = 0;
-        int current = -1, finished_all = 0;
-        double began = now_s();
-        for (;;) {
-            struct pollfd pfd = {fd[0], POLLIN, 0};
-            double limit = o->variant_timeout_s > 0 ? o->variant_timeout_s : 300;
-            int pr = poll(&pfd, 1, 1000);
-            if (pr == 0) {
-                if (current >= 0 && now_s() - began > limit) {
-                    kill(pid, SIGKILL);
-                    snprintf(v[current].status, sizeof v[current].status, "timeout");
-                    snprintf(v[current].detail, sizeof v[current].detail,
-                             "no result after %.0f s", limit);
-                    break;
-                }
-                continue;
-            }
-            if (pr < 0 && errno == EINTR) continue;
-            ssize_t n = read(fd[0], buf + have, sizeof buf - 1 - have);
-            if (n <= 0) break;
-            have += (size_t)n;
-            buf[have] = 0;
-            char *line = buf, *nl;
-            while ((nl = strchr(line, '\n'))) {
-                *nl = 0;
-                if (line[0] == 'B') {
-                    current = atoi(line + 2);
-                    began = now_s();
-                } else if (line[0] == 'R') {
-                    int i = parse_result(line, v, nv, flops);
-                    if (i >= 0) {
-                        if (strcmp(v[i].status, "skipped")) {
-                            record(rc, &v[i]);
-                            ok += !strcmp(v[i].status, "ok");
-                        }
-                        progress(&v[i], ++done, ntodo);
-                        start++;
-                        if (start == ntodo) finished_all = 1;
-                    }
-                    current = -1;
-                } else if (line[0] == 'S') {
-                    fprintf(stderr, "fmtune: worker: %s\n", line + 2);
-                    setup_failures++;
-                }
-                line = nl + 1;
-            }
-            have = strlen(line);
-            memmove(buf, line, have + 1);
-        }
+        m.pid = spawn_worker(o, v, todo + m.start, ntodo - m.start, deadline, fd);
+        if (m.pid < 0) return m.ok;
+        m.current = -1;
+        m.finished_all = 0;
+        m.began = now_s();
+        read_worker(fd[0], measuring_line, measuring_idle, &m);
         close(fd[0]);
         int st = 0;
-        waitpid(pid, &st, 0);
-        if (finished_all) break;
-        if (current >= 0) {
+        waitpid(m.pid, &st, 0);
+        if (m.finished_all) break;
+        if (m.current >= 0) {
             /* the worker died inside variant `current` without reporting it */
-            if (!v[current].status[0]) {
-                snprintf(v[current].status, sizeof v[current].status, "fault");
-                snprintf(v[current].detail, sizeof v[current].detail,
-                         "worker died (%s %d) while running it",
+            variant *x = &v[m.current];
+            if (!x->status[0]) {
+                snprintf(x->status, sizeof x->status, "fault");
+                snprintf(x->detail, sizeof x->detail, "worker died (%s %d) while running it",
                          WIFSIGNALED(st) ? "signal" : "exit code",
                          WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
             }
-            record(rc, &v[current]);
-            progress(&v[current], ++done, ntodo);
-            start++;
-        } else if (setup_failures) {
+            record(rc, x);
+            progress(x, ++m.done, ntodo);
+            m.start++;
+        } else if (m.setup_failures) {
             fprintf(stderr, "fmtune: the worker could not set up the problem; giving up\n");
             break;
         }
-        if (setup_failures > 2) break;
+        if (m.setup_failures > 2) break;
     }
-    return ok;
+    return m.ok;
 }
 
 /* ---- reporting ------------------------------------------------------------------------------ */
@@ -732,6 +768,29 @@ static int cmp_variant(const void *a, const void *b) {
     if (xo != yo) return yo - xo;
     if (xo) return x->median < y->median ? -1 : x->median > y->median;
     return strcmp(x->cfg.name, y->cfg.name);
+}
+
+/* What sustained_phase() follows while its worker runs. */
+typedef struct sustaining {
+    variant *sv;
+    int nv;
+    double flops, limit;
+    pid_t pid;
+} sustaining;
+
+static int sustaining_line(void *user, char *line) {
+    sustaining *st = user;
+    if (line[0] == 'R') parse_result(line, st->sv, st->nv, st->flops);
+    else if (line[0] == 'S') fprintf(stderr, "fmtune: worker: %s\n", line + 2);
+    return 0;
+}
+
+static int sustaining_idle(void *user) {
+    sustaining *st = user;
+    if (now_s() <= st->limit) return 0;
+    kill(st->pid, SIGKILL);
+    fprintf(stderr, "fmtune: sustained timing took too long; stopped\n");
+    return 1;
 }
 
 /* --sustained K: the K fastest correct variants of the burst phase, timed again under sustained
@@ -764,40 +823,13 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
     fprintf(stderr, "fmtune: timing the %d fastest under sustained load (%d rounds of %.0f ms)\n", k,
             so.sustain_rounds, so.sustain_ms);
     int fd[2];
-    pid_t pid = k >= 2 ? spawn_worker(&so, v, sel, k, 0, fd) : -1;
-    if (pid > 0) {
-        const double flops = o->op->flops(&o->prob);
-        const double limit = now_s() + 120 + k * so.sustain_rounds * (so.sustain_ms * 1e-3) * 4;
-        char buf[8192];
-        size_t have = 0;
-        for (;;) {
-            struct pollfd pfd = {fd[0], POLLIN, 0};
-            int pr = poll(&pfd, 1, 1000);
-            if (pr == 0) {
-                if (now_s() > limit) {
-                    kill(pid, SIGKILL);
-                    fprintf(stderr, "fmtune: sustained timing took too long; stopped\n");
-                    break;
-                }
-                continue;
-            }
-            if (pr < 0 && errno == EINTR) continue;
-            ssize_t n = read(fd[0], buf + have, sizeof buf - 1 - have);
-            if (n <= 0) break;
-            have += (size_t)n;
-            buf[have] = 0;
-            char *line = buf, *nl;
-            while ((nl = strchr(line, '\n'))) {
-                *nl = 0;
-                if (line[0] == 'R') parse_result(line, sv, nv, flops);
-                else if (line[0] == 'S') fprintf(stderr, "fmtune: worker: %s\n", line + 2);
-                line = nl + 1;
-            }
-            have = strlen(line);
-            memmove(buf, line, have + 1);
-        }
+    sustaining st = {sv, nv, o->op->flops(&o->prob), 0, -1};
+    st.pid = k >= 2 ? spawn_worker(&so, v, sel, k, 0, fd) : -1;
+    if (st.pid > 0) {
+        st.limit = now_s() + 120 + k * so.sustain_rounds * (so.sustain_ms * 1e-3) * 4;
+        read_worker(fd[0], sustaining_line, sustaining_idle, &st);
         close(fd[0]);
-        waitpid(pid, NULL, 0);
+        waitpid(st.pid, NULL, 0);
     }
     int recorded = 0;
     fprintf(stderr, "\n%-4s %-60s %10s %12s\n", "", "configuration (sustained load)", "burst ms",

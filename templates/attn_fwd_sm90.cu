@@ -736,15 +736,15 @@ static __device__ __forceinline__ void fm_sk_write(const fm_attn_kernel_params &
     float4 *slot = fm_sk_slot(p, (int)blockIdx.x, cw);
 #pragma unroll
     for (int k = 0; k < FM_D / 8; k++)
-        __stcg(slot + k * 128 + tid, make_float4(o[4 * k], o[4 * k + 1], o[4 * k + 2], o[4 * k + 3]));
+        __stcg(slot + k * 128 + tid,
+               make_float4(o[4 * k], o[4 * k + 1], o[4 * k + 2], o[4 * k + 3]));
     __stcg(slot + (FM_D / 8) * 128 + tid, make_float4(m[0], m[1], l[0], l[1]));
     /* Every thread's stores, then one release of the flag (cumulative over the barrier). */
     fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
     if (tid == 0) {
         __threadfence();
-        asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.sk_flags + blockIdx.x * FM_CONSUMER_WGS + cw),
-                     "r"(1u)
-                     : "memory");
+        unsigned *flag = p.sk_flags + blockIdx.x * FM_CONSUMER_WGS + cw;
+        asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flag), "r"(1u) : "memory");
     }
 }
 
@@ -762,7 +762,10 @@ static __device__ __forceinline__ void fm_sk_merge(const fm_attn_kernel_params &
             unsigned *flag = p.sk_flags + q * FM_CONSUMER_WGS + cw;
             unsigned ready;
             for (;;) {
-                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(ready) : "l"(flag) : "memory");
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                             : "=r"(ready)
+                             : "l"(flag)
+                             : "memory");
                 if (ready) break;
                 __nanosleep(32);
             }
@@ -1111,7 +1114,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             if (tid == 0) {
 #pragma unroll
                 for (int ch = 0; ch < FM_DCHUNKS; ch++)
-                    fm_tma_store_4d(&tmO, so + (unsigned)(ch * 64 * 128), 64 * ch, row_base, eh, eb);
+                    fm_tma_store_4d(&tmO, so + (unsigned)(ch * 64 * 128), 64 * ch, row_base, eh,
+                                    eb);
                 fm_tma_store_commit();
             }
             (void)og;

@@ -240,7 +240,8 @@ static void sustained_timing(FILE *out, const fm_tune_opts *o, fm_context *ctx, 
             int bad = 0;
             /* two launches to size the turn */
             d->cuEventRecord(e0, stream);
-            for (int w = 0; w < 2 && !bad; w++) bad = o->op->run(ctx, state, k[q], w, stream) != FM_OK;
+            for (int w = 0; w < 2 && !bad; w++)
+                bad = o->op->run(ctx, state, k[q], w, stream) != FM_OK;
             d->cuEventRecord(e1, stream);
             if (bad || d->cuEventSynchronize(e1) != CUDA_SUCCESS ||
                 d->cuEventElapsedTime(&ms, e0, e1) != CUDA_SUCCESS || !(ms > 0)) {

@@ -671,7 +671,6 @@ static void read_worker(int fd, int (*on_line)(void *user, char *line), int (*on
 
 /* What measure() follows while one worker runs. */
 typedef struct measuring {
-    const fm_tune_opts *o;
     variant *v;
     int nv, ntodo;
     double flops, limit, began;
@@ -721,7 +720,6 @@ static int measure(const fm_tune_opts *o, variant *v, int nv, int *todo, int nto
     double deadline = o->budget_s > 0 ? now_s() + o->budget_s : 0;
     measuring m;
     memset(&m, 0, sizeof m);
-    m.o = o;
     m.v = v;
     m.nv = nv;
     m.ntodo = ntodo;

@@ -240,6 +240,9 @@ def main():
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--no-naive", action="store_true", help="skip the per-expert loop")
+    ap.add_argument("--routing", default="random", choices=("random", "uniform"),
+                    help="uniform: every expert gets exactly T*K/E tokens (a diagnostic of the "
+                         "cost of padded tile rows; needs T*K divisible by E)")
     ap.add_argument("--profile", action="store_true",
                     help="also print flashmoe's time per kernel (torch.profiler, 10 calls)")
     args = ap.parse_args()
@@ -271,6 +274,12 @@ def main():
         xs = [torch.empty(T, H, dtype=dt, device="cuda").uniform_(-1, 1) for _ in range(NROT)]
         ls = [torch.empty(T, E, dtype=torch.float32, device="cuda").uniform_(-3, 3)
               for _ in range(NROT)]
+        if args.routing == "uniform":
+            # token t prefers experts (t*K + j) mod E, j < K: each expert gets T*K/E tokens
+            pick = (torch.arange(T, device="cuda").unsqueeze(1) * K
+                    + torch.arange(K, device="cuda").unsqueeze(0)) % E
+            for i, l in enumerate(ls):
+                l.scatter_(1, (pick + i) % E, 10.0)
         out_fm = torch.empty(T, H, dtype=dt, device="cuda")
         layer = FlashMoELayer(fm, T, E, K, H, I, dt)
         flops = 2.0 * T * K * 3 * H * I
@@ -299,7 +308,7 @@ def main():
                                  budget_ms=1000, min_runs=3, max_runs=30)
         if args.profile:
             kernel_breakdown(lambda i: layer(xs[i % NROT], ls[i % NROT], w13, w2, out_fm), t_fm)
-        row = dict(preset=args.preset, dtype=args.dtype, T=T, E=E, K=K, H=H, I=I,
+        row = dict(preset=args.preset, dtype=args.dtype, routing=args.routing, T=T, E=E, K=K, H=H, I=I,
                    experts_hit=round(hit, 1), flashmoe_ms=t_fm, grouped_mm_ms=t_gm, naive_ms=t_nv,
                    floor_weights_ms=floor_w, floor_compute_ms=floor_c, floor_ms=floor,
                    flashmoe_tflops=flops / (t_fm * 1e-3) / 1e12,

@@ -12,11 +12,23 @@
 -- gemm1 takes block_n/2 gate and block_n/2 up rows), stages. block_k is 64 (the swizzle atom's
 -- row). Launch-only axes as in sm80: group_m, split_k (gemm2), combine.
 
--- ws: + 1024 more for the 2 * stages mbarriers behind the ring, and with three consumers
--- (block_m 192) the producer's 6 KB table of gathered token indices.
+-- ws and swap: + 1024 more for the 2 * stages mbarriers behind the ring, and the producer's
+-- table of gathered token indices where they do not fit its registers (ws: three consumers,
+-- block_m 192; swap: always, block_m / 16 rows per producer thread).
 local function smem(c)
-  return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "ws" and 2048 or 1024)
-    + (c.block_m == 192 and 128 * 12 * 4 or 0)
+  local table_bytes = 0
+  if c.pipe == "ws" and c.block_m == 192 then table_bytes = 128 * 12 * 4 end
+  if c.pipe == "swap" then table_bytes = 128 * (c.block_m // 16) * 4 end
+  return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "sync" and 1024 or 2048)
+    + table_bytes
+end
+
+-- Consumer warpgroups of the warp-specialised pipelines: ws puts 64 token rows on each, swap 64
+-- weight rows.
+local function consumers(c)
+  if c.pipe == "ws" then return c.block_m // 64 end
+  if c.pipe == "swap" then return c.block_n // 64 end
+  return 0
 end
 
 return {
@@ -32,9 +44,13 @@ return {
     { name = "dtype", values = { "bf16", "fp16" } },
   },
   axes = {
-    { name = "pipe", values = { "sync", "ws" } },
-    { name = "block_m", values = { 64, 128, 192 } },
-    { name = "block_n", values = { 64, 128, 256 } },
+    { name = "pipe", values = { "sync", "ws", "swap" } },
+    -- The token tile (rows per tile; the alignment pads every expert to a multiple of it) and the
+    -- weight tile (gemm1: block_n/2 gate and block_n/2 up rows; gemm2: block_n output columns).
+    -- With pipe = swap the weights are the wgmma's M (64 rows per consumer warpgroup) and the
+    -- tokens its N, issued per tile with N = the real rows rounded up to 16.
+    { name = "block_m", values = { 64, 128, 192, 256 } },
+    { name = "block_n", values = { 64, 128, 192, 256 } },
     { name = "stages", values = { 3, 4, 5, 6 } },
     { name = "group_m", values = { 1, 8 } },
     { name = "split_k", values = { 1, 2, 4 } },
@@ -64,17 +80,40 @@ return {
       -- Two or three consumer warpgroups of 64 rows share each weight tile; the producer's
       -- gather covers the rows with 128 threads x block_m/16 chunks.
       reason = "pipe = ws takes block_m = 128 or 192",
-      check = function(c) return c.pipe ~= "ws" or c.block_m >= 128 end,
+      check = function(c) return c.pipe ~= "ws" or (c.block_m >= 128 and c.block_m <= 192) end,
+    },
+    {
+      reason = "block_m = 256 is for pipe = swap (tokens on the wgmma N, at most 256)",
+      check = function(c) return c.block_m ~= 256 or c.pipe == "swap" end,
+    },
+    {
+      -- Two or three consumer warpgroups of 64 weight rows; gemm1's weight box is groups of 16
+      -- rows (8 gate, 8 up).
+      reason = "pipe = swap takes block_m >= 128 and block_n = 128 or 192",
+      check = function(c)
+        return c.pipe ~= "swap" or (c.block_m >= 128 and (c.block_n == 128 or c.block_n == 192))
+      end,
+    },
+    {
+      -- A thread of three consumers has 160 registers: 96 accumulators (N = 192) and addressing.
+      reason = "pipe = swap with three consumers (block_n = 192) takes block_m <= 192",
+      check = function(c) return c.pipe ~= "swap" or c.block_n ~= 192 or c.block_m <= 192 end,
+    },
+    {
+      reason = "block_n = 192 is for pipe = swap",
+      check = function(c) return c.block_n ~= 192 or c.pipe == "swap" end,
     },
     {
       -- Three consumers (160 registers each beside the 128 accumulators of m64n256) only pay
       -- where the tile is large enough to be limited by L2 traffic (bench/NOTES.md, MoE v3).
-      reason = "block_m = 192 is for pipe = ws with block_n = 256",
-      check = function(c) return c.block_m ~= 192 or (c.pipe == "ws" and c.block_n == 256) end,
+      reason = "block_m = 192 is for pipe = ws with block_n = 256, or pipe = swap",
+      check = function(c)
+        return c.block_m ~= 192 or (c.pipe == "ws" and c.block_n == 256) or c.pipe == "swap"
+      end,
     },
     {
-      reason = "ws_grid is for pipe = ws (the sync pipeline always launches one CTA per tile)",
-      check = function(c) return c.pipe == "ws" or c.ws_grid == "persistent" end,
+      reason = "ws_grid is for pipe = ws and swap (the sync pipeline launches one CTA per tile)",
+      check = function(c) return c.pipe ~= "sync" or c.ws_grid == "persistent" end,
     },
     {
       reason = "pipe = ws takes block_n = 128 or 256",
@@ -82,18 +121,23 @@ return {
     },
     {
       -- The persistent grid already covers the SMs; split-K would need a second reduction.
-      reason = "pipe = ws has no split-K",
-      check = function(c) return c.pipe ~= "ws" or c.split_k == 1 end,
+      reason = "pipe = ws and swap have no split-K",
+      check = function(c) return c.pipe == "sync" or c.split_k == 1 end,
     },
     {
       -- 6 stages only pay off when one thread group does nothing but copy.
-      reason = "stages = 6 is for pipe = ws",
-      check = function(c) return c.pipe == "ws" or c.stages <= 5 end,
+      reason = "stages = 6 is for pipe = ws and swap",
+      check = function(c) return c.pipe ~= "sync" or c.stages <= 5 end,
+    },
+    {
+      -- The producer publishes a gathered stage STAGES - 2 stages behind the one it fills.
+      reason = "pipe = swap needs at least 3 stages",
+      check = function(c) return c.pipe ~= "swap" or c.stages >= 3 end,
     },
     {
       -- 64 x 64 warpgroup tiles leave the A tile reused by only 64 weight rows.
       reason = "block_n = 64 is for the weight-streaming tile (block_m = 64)",
-      check = function(c) return c.block_n >= 128 or c.block_m == 64 end,
+      check = function(c) return c.block_n >= 128 or (c.block_m == 64 and c.pipe == "sync") end,
     },
     {
       reason = "split-K partial sums are added in fp32: needs combine=atomic",
@@ -118,7 +162,7 @@ return {
   -- pipe = sync keeps the names it had before the axis existed (tuning databases refer to them).
   name_of = function(c)
     return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s%s", c.dtype, c.block_m,
-      c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "ws" and "_ws" or "")
+      c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "sync" and "" or "_" .. c.pipe)
       .. (c.ws_grid == "tiles" and "_tiles" or "")
   end,
 
@@ -128,11 +172,14 @@ return {
       FM_BLOCK_M = c.block_m,
       FM_BLOCK_N = c.block_n,
       FM_STAGES = c.stages,
-      FM_MOE_WS = c.pipe == "ws" and 1 or 0,
+      FM_MOE_WS = (c.pipe == "ws" and 1) or (c.pipe == "swap" and 2) or 0,
     }
   end,
 
-  threads = function(c) return c.pipe == "ws" and 128 * (1 + c.block_m // 64) or c.block_m // 64 * 128 end,
+  threads = function(c)
+    if c.pipe == "sync" then return c.block_m // 64 * 128 end
+    return 128 * (1 + consumers(c))
+  end,
   smem_bytes = smem,
 
   -- Untuned default (problem fields t, e, k, h, i, sms as for sm80). Rows per routed expert

@@ -181,8 +181,12 @@ fm_status fm_attn_launch_sm80(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
                               const fm_attention_args *a, CUstream stream);
 fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kernel_params *p,
                               const fm_attention_args *a, CUstream stream);
-/* A 4-D bf16/fp16 tensor map, 128-byte swizzle, zero fill past the ends (runtime/tma.c).
- * dims innermost first, strides in bytes for dims 1..3. */
+/* A rank-D (2..5) bf16/fp16 tensor map, 128-byte swizzle, zero fill past the ends
+ * (runtime/tma.c). dims and box innermost first, strides in bytes for dims 1..rank-1. */
+fm_status fm_tma_encode(fm_context *ctx, CUtensorMap *map, const char *what, fm_dtype dtype,
+                        const void *base, int rank, const cuuint64_t *dims,
+                        const cuuint64_t *strides, const cuuint32_t *box);
+/* The same for rank 4. */
 fm_status fm_tma_encode_4d(fm_context *ctx, CUtensorMap *map, const char *what, fm_dtype dtype,
                            const void *base, const cuuint64_t dims[4], const cuuint64_t strides[3],
                            const cuuint32_t box[4]);

@@ -306,29 +306,40 @@ fm_status fm_moe_choose(fm_context *ctx, const fm_moe_args *a, fm_config *cfg,
 
 /* ---- launching ------------------------------------------------------------------------------ */
 
-/* The maps of the ws GEMMs (templates/common/moe_gemm_sm90_ws.cuh): gemm1 reads w13 [E, 2I, H]
- * as (H, I, 2, E) in boxes (64, bn/2, 2, 1), so one box holds the gate rows and the up rows of
- * the same bn/2 columns, and rows past I in a tail tile are zeros rather than the next half;
- * gemm2 reads w2 [E, H, I] as (I, H, E, 1) in boxes (64, bn, 1, 1) and the intermediate
- * [rows, I] as (I, rows, 1, 1) in boxes (64, 128, 1, 1). gemm1's A rows are gathered by the
- * kernel itself; its first map argument is a copy of the second, never read. */
+/* The maps of the warp-specialised GEMMs; m[0] is the token operand, m[1] the weights.
+ * pipe = ws (templates/common/moe_gemm_sm90_ws.cuh): gemm1 reads w13 [E, 2I, H] as
+ * (H, I, 2, E) in boxes (64, bn/2, 2, 1), so one box holds the gate rows and the up rows of the
+ * same bn/2 columns, and rows past I in a tail tile are zeros rather than the next half; gemm2
+ * reads w2 [E, H, I] as (I, H, E, 1) in boxes (64, bn, 1, 1) and the intermediate [rows, I] as
+ * (I, rows, 1, 1) in boxes (64, bm, 1, 1).
+ * pipe = swap (moe_gemm_sm90_swap.cuh): gemm1 reads w13 as (H, 8, 2, I/8, E) in boxes
+ * (64, 8, 2, bn/16, 1): groups of 8 gate rows and the 8 up rows of the same columns, which the
+ * swapped accumulator layout pairs in one thread; the intermediate in boxes of 32 rows, issued as
+ * many as a tile's real rows need.
+ * gemm1's token rows are gathered by the kernel itself; its m1[0] is a copy of m1[1], never read. */
 static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inter,
-                         long long inter_rows, int bm, int bn, CUtensorMap m1[2],
+                         long long inter_rows, int bm, int bn, int swap, CUtensorMap m1[2],
                          CUtensorMap m2[2]) {
     const cuuint64_t H = (cuuint64_t)a->hidden, I = (cuuint64_t)a->intermediate;
     const cuuint64_t E = (cuuint64_t)a->experts;
     memset(m1, 0, 2 * sizeof *m1);
     memset(m2, 0, 2 * sizeof *m2);
     fm_status s;
-    {
+    if (swap) {
+        const cuuint64_t dims[5] = {H, 8, 2, I / 8, E};
+        const cuuint64_t st[4] = {H * 2, I * H * 2, 8 * H * 2, 2 * I * H * 2};
+        const cuuint32_t box[5] = {64, 8, 2, (cuuint32_t)(bn / 16), 1};
+        s = fm_tma_encode(ctx, &m1[1], "moe: tensor map of w13", a->dtype, a->w13, 5, dims, st,
+                          box);
+    } else {
         const cuuint64_t dims[4] = {H, I, 2, E};
         const cuuint64_t st[3] = {H * 2, I * H * 2, 2 * I * H * 2};
         const cuuint32_t box[4] = {64, (cuuint32_t)(bn / 2), 2, 1};
         s = fm_tma_encode_4d(ctx, &m1[1], "moe: tensor map of w13", a->dtype, a->w13, dims, st,
                              box);
-        if (s != FM_OK) return s;
-        m1[0] = m1[1];
     }
+    if (s != FM_OK) return s;
+    m1[0] = m1[1];
     {
         const cuuint64_t dims[4] = {I, H, E, 1};
         const cuuint64_t st[3] = {I * 2, H * I * 2, E * H * I * 2};
@@ -341,7 +352,7 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
         const cuuint64_t dims[4] = {I, rows, 1, 1};
         /* Extent-1 dimensions are never stepped; the driver still wants a multiple of 16. */
         const cuuint64_t st[3] = {I * 2, rows * I * 2, rows * I * 2};
-        const cuuint32_t box[4] = {64, (cuuint32_t)bm, 1, 1};
+        const cuuint32_t box[4] = {64, (cuuint32_t)(swap ? 32 : bm), 1, 1};
         s = fm_tma_encode_4d(ctx, &m2[0], "moe: tensor map of the intermediate", a->dtype, inter,
                              dims, st, box);
         if (s != FM_OK) return s;
@@ -400,13 +411,16 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const char *comb = fm_config_str(cfg, "combine");
     const int atomic = comb && strcmp(comb, "atomic") == 0;
     const char *pipe = fm_config_str(cfg, "pipe");
-    const int ws_pipe = pipe && strcmp(pipe, "ws") == 0; /* moe_gemm_sm90 pipe = ws */
+    /* moe_gemm_sm90 pipe = ws or swap: warp-specialised, two tensor maps before the parameters */
+    const int swap_pipe = pipe && strcmp(pipe, "swap") == 0;
+    const int ws_pipe = swap_pipe || (pipe && strcmp(pipe, "ws") == 0);
     const char *ws_grid = fm_config_str(cfg, "ws_grid");
     const int ws_tiles = ws_grid && strcmp(ws_grid, "tiles") == 0; /* one CTA per tile */
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
         a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
-        (ws_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
-                     (bn != 128 && bn != 256))))
+        (ws_pipe && !swap_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
+                                   (bn != 128 && bn != 256))) ||
+        (swap_pipe && (bm < 128 || bm % 64 || bk != 64 || split != 1 || (bn != 128 && bn != 192))))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -462,6 +476,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     g1.k_tiles_per_split = H / bk;
     g1.group_m = group_m;
     g1.atomic = 0;
+    g1.expert_counts = ap.expert_counts;
+    g1.expert_offsets = ap.expert_offsets;
 
     fm_moe_gemm_params g2 = g1;
     g2.a = inter;
@@ -501,7 +517,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     CUtensorMap m1[2], m2[2];
     long long g1_grid = g1_ctas, g2_grid = g2_ctas;
     if (ws_pipe) {
-        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, m1, m2)) != FM_OK) return s;
+        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, swap_pipe, m1, m2)) != FM_OK)
+            return s;
         const long long sms = ctx->sm_count > 0 ? ctx->sm_count : 1;
         if (!ws_tiles && g1_grid > sms) g1_grid = sms;
         if (!ws_tiles && g2_grid > sms) g2_grid = sms;

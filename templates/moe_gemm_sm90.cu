@@ -30,7 +30,9 @@
  *
  * FM_MOE_WS = 1 replaces the two GEMM entries by the warp-specialised persistent pipeline of
  * common/moe_gemm_sm90_ws.cuh (producer warpgroup, TMA weights, two consumer warpgroups; its
- * entries take two tensor maps first); the combine entry is the same in both.
+ * entries take two tensor maps first), FM_MOE_WS = 2 by its operand-swapped form
+ * (common/moe_gemm_sm90_swap.cuh: tokens on the wgmma N side, no padded rows of 64); the
+ * combine entry is the same in all three.
  */
 #include "common/moe_params.h"
 #include "common/numeric.cuh"
@@ -49,7 +51,8 @@
 #endif
 /* 0: the all-thread cp.async pipeline below; 1: the warp-specialised persistent pipeline (TMA
  * weights, producer warpgroup, two consumer warpgroups) of common/moe_gemm_sm90_ws.cuh, whose
- * GEMM entries take two tensor maps before the parameter block. */
+ * GEMM entries take two tensor maps before the parameter block; 2: the same with the operands
+ * swapped (weights on the wgmma M side, tokens on N), common/moe_gemm_sm90_swap.cuh. */
 #ifndef FM_MOE_WS
 #define FM_MOE_WS 0
 #endif
@@ -57,17 +60,17 @@
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ != 900 || !defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #error "moe_gemm_sm90.cu uses wgmma: compile it for sm_90a"
 #endif
-#if FM_BLOCK_M != 64 && FM_BLOCK_M != 128 && !(FM_MOE_WS && FM_BLOCK_M == 192)
+#if FM_MOE_WS != 2 && FM_BLOCK_M != 64 && FM_BLOCK_M != 128 && !(FM_MOE_WS && FM_BLOCK_M == 192)
 #error "FM_BLOCK_M must be 64 or 128 (one or two warpgroups of 64 rows), or 192 with FM_MOE_WS"
 #endif
-#if FM_BLOCK_N != 64 && FM_BLOCK_N != 128 && FM_BLOCK_N != 256
+#if FM_MOE_WS != 2 && FM_BLOCK_N != 64 && FM_BLOCK_N != 128 && FM_BLOCK_N != 256
 #error "FM_BLOCK_N must be 64, 128 or 256 (the wgmma N; gemm1 needs BLOCK_N/2 % 8 == 0)"
 #endif
 #if FM_STAGES < 2 || FM_STAGES > 6
 #error "FM_STAGES must be in 2..6"
 #endif
-#if FM_MOE_WS != 0 && FM_MOE_WS != 1
-#error "FM_MOE_WS must be 0 or 1"
+#if FM_MOE_WS < 0 || FM_MOE_WS > 2
+#error "FM_MOE_WS must be 0, 1 or 2"
 #endif
 #if FM_BLOCK_M > FM_MOE_MAX_BLOCK_M || FM_BLOCK_M < FM_MOE_MIN_BLOCK_M
 #error "FM_BLOCK_M outside the range the workspace is sized for"
@@ -127,7 +130,9 @@ static __device__ __forceinline__ void fm_moe_wgmma_epilogue(const fm_moe_gemm_p
     }
 }
 
-#if FM_MOE_WS
+#if FM_MOE_WS == 2
+#include "common/moe_gemm_sm90_swap.cuh"
+#elif FM_MOE_WS
 #include "common/moe_gemm_sm90_ws.cuh"
 #else
 namespace fm_moe_sm90 {

@@ -12,8 +12,9 @@
  *  C. a set of configurations spanning every axis value of both families (sm80: block_m
  *     16..128, block_n, block_k 32, stages, warps; sm90 on sm_90 devices: both pipelines,
  *     block_m 64/128, block_n 64..256, stages; both: group_m, split_k, both combine modes), or
- *     every kept configuration with FM_TEST_MOE_ALL=1, through fm_moe_launch;
- *  C'. the warp-specialised sm90 configurations (pipe = ws) on the odd shapes of B as well:
+ *     every kept configuration with FM_TEST_MOE_ALL=1, through fm_moe_launch (FM_TEST_MOE_PIPE=P
+ *     restricts C and C' to the sm90 configurations of pipe P);
+ *  C'. the warp-specialised sm90 configurations (pipe = ws and swap) on the odd shapes of B too:
  *     T = 1, an expert with no token, one expert with every token (many tiles of one expert,
  *     partial last tile), I and H below one tile (tensor-map zero fill), E = 512 with K = 16;
  *  D. argument checking: H or I not a multiple of 64, topk > E, topk > 16, E > 512, NULL
@@ -404,7 +405,7 @@ typedef struct cfg_spec {
     const char *family;
     int bm, bn, bk, stages, warps, group_m, split; /* bk, warps: sm80 only */
     const char *combine;
-    const char *pipe; /* sm90 only: "sync" or "ws" */
+    const char *pipe; /* sm90 only: "sync", "ws" or "swap" */
     const char *ws_grid; /* sm90 ws only: "persistent" (NULL) or "tiles" */
 } cfg_spec;
 
@@ -429,8 +430,8 @@ static const cfg_spec specs[] = {
     {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync", NULL},
 };
 
-/* The warp-specialised sm90 pipeline: both block_n, two and three consumers (block_m 128, 192),
- * stages 3..6, both rasters and combines. */
+/* The warp-specialised sm90 pipelines: ws with both block_n, two and three consumers (block_m
+ * 128, 192), stages 3..6, both rasters and combines; swap likewise over its own tiles. */
 static const cfg_spec ws_specs[] = {
     {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws", NULL},
     {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws", NULL},
@@ -440,11 +441,23 @@ static const cfg_spec ws_specs[] = {
     {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL},
     {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles"},
     {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles"},
+    /* pipe = swap: token tiles 128..256, two and three consumers of 64 weight rows */
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 1, 1, "slot", "swap", NULL},
+    {"moe_gemm_sm90", 192, 128, 64, 4, 0, 8, 1, "atomic", "swap", "tiles"},
+    {"moe_gemm_sm90", 256, 128, 64, 4, 0, 1, 1, "slot", "swap", "tiles"},
+    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 8, 1, "atomic", "swap", NULL},
+    {"moe_gemm_sm90", 192, 192, 64, 3, 0, 8, 1, "slot", "swap", NULL},
+    {"moe_gemm_sm90", 128, 192, 64, 5, 0, 1, 1, "atomic", "swap", "tiles"},
+    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 8, 1, "slot", "swap", "tiles"},
 };
 
 static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_loaded **k) {
     int sm90 = strcmp(sp->family, "moe_gemm_sm90") == 0;
     if (sm90 && ctx->arch != 90) return 0; /* sm_90a code runs on sm_90 only */
+    /* FM_TEST_MOE_PIPE=P: only the sm90 configurations of pipe P (a quicker run while working
+     * on one pipeline; the default runs everything) */
+    const char *only = getenv("FM_TEST_MOE_PIPE");
+    if (only && only[0] && (!sm90 || strcmp(sp->pipe, only) != 0)) return 0;
     fm_config c;
     memset(&c, 0, sizeof c);
     snprintf(c.family, sizeof c.family, "%s", sp->family);
@@ -647,7 +660,7 @@ int main(void) {
         data_free(ctx, &m);
     }
 
-    /* C': the ws pipeline on the odd shapes of B (T = 1, empty and hot experts, tails) */
+    /* C': the ws and swap pipelines on the odd shapes of B (T = 1, empty and hot experts, tails) */
     for (size_t i = 0; i < ncases && ctx->arch == 90; i++) {
         moe_data m;
         if (data_init(ctx, &m, &cases[i])) {

@@ -122,4 +122,18 @@ static __device__ __forceinline__ void raster(const fm_moe_gemm_params &p, int p
     }
 }
 
+/* The tile order of the warp-specialised pipelines (persistent or one CTA per tile): tile t of
+ * m_tiles * n_tiles, in groups of group_m M-tiles walking the N tiles together, M fastest inside
+ * a group. Unlike raster() above, m_tiles is the real count read on the device. */
+static __device__ __forceinline__ void raster_tiles(int t, int m_tiles, int n_tiles, int group_m,
+                                                    int &m_tile, int &n_tile) {
+    const int gm = group_m < 1 ? 1 : group_m;
+    const int per_group = gm * n_tiles;
+    const int first = (t / per_group) * gm;
+    const int rows = min(m_tiles - first, gm);
+    const int local = t - (t / per_group) * per_group;
+    m_tile = first + local % rows;
+    n_tile = local / rows;
+}
+
 } // namespace fm_moe

@@ -125,18 +125,6 @@ static_assert(kBarOffset + 16 * kStages <= kStages * kStageBytes + 1024, "barrie
 constexpr bool kTokInSmem = kConsumers == 3;
 constexpr int kTokOffset = kStages * kStageBytes + 1024;
 
-/* Tile t -> (m_tile, n_tile): groups of group_m M-tiles, M fastest inside a group. */
-static __device__ __forceinline__ void raster(int t, int m_tiles, int n_tiles, int group_m,
-                                              int &m_tile, int &n_tile) {
-    const int gm = group_m < 1 ? 1 : group_m;
-    const int per_group = gm * n_tiles;
-    const int first = (t / per_group) * gm;
-    const int rows = min(m_tiles - first, gm);
-    const int local = t - (t / per_group) * per_group;
-    m_tile = first + local % rows;
-    n_tile = local / rows;
-}
-
 template <bool GATHER>
 static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const fm_tma_desc *tma_b,
                                                 const fm_moe_gemm_params &p, unsigned s_base,
@@ -153,7 +141,7 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
     int signaled = 0; /* GATHER: k-tiles whose full barrier this thread has arrived on */
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
         int m_tile, n_tile;
-        raster(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
+        fm_moe::raster_tiles(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
         const int expert = p.tile_expert[m_tile];
         const int m0 = m_tile * kBM;
 
@@ -234,7 +222,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
     int it = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
         int m_tile, n_tile;
-        raster(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
+        fm_moe::raster_tiles(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
         const int m0 = m_tile * kBM;
         const int row0 = m0 + cw * 64;
         /* Padding rows close each expert's range: a warpgroup whose first row is padding has

@@ -19,7 +19,7 @@
 #define FM_MOE_MAX_TOPK 16
 #define FM_MOE_MAX_GROUPS 32   /* grouped routing: one warp lane per group */
 #define FM_MOE_MIN_BLOCK_M 16  /* the workspace is sized for every block_m in [MIN, MAX] */
-#define FM_MOE_MAX_BLOCK_M 192
+#define FM_MOE_MAX_BLOCK_M 256
 
 #define FM_MOE_ROUTE_SOFTMAX 0 /* = FM_MOE_ROUTING_SOFTMAX_TOPK */
 #define FM_MOE_ROUTE_SIGMOID 1 /* = FM_MOE_ROUTING_SIGMOID_GROUPED */
@@ -77,6 +77,8 @@ typedef struct fm_moe_gemm_params {
     int group_m;               /* tile raster: group_m M-tiles walk the N tiles together */
     int atomic;                /* gemm2: 1 = fp32 red.add into c [T, H], 0 = 16-bit slot rows */
     int pad_;
+    const int *expert_counts;  /* [E] slots per expert (pipe = swap: real rows of a tile) */
+    const int *expert_offsets; /* [E + 1] first padded row of each expert */
 } fm_moe_gemm_params;
 
 /* Combine: out[t] = sum_k slot_buf[t*K + k] (combine = slot) or out[t] = acc[t] (atomic),

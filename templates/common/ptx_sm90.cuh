@@ -132,6 +132,15 @@ static __device__ __forceinline__ void fm_tma_load_4d(unsigned dst, const fm_tma
                  : "memory");
 }
 
+static __device__ __forceinline__ void fm_tma_load_5d(unsigned dst, const fm_tma_desc *d,
+                                                      unsigned bar, int c0, int c1, int c2,
+                                                      int c3, int c4) {
+    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5, %6}], [%7];" ::"r"(dst),
+                 "l"(d), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+                 : "memory");
+}
+
 /* The same with an L2 eviction-priority policy from fm_l2_policy_*(). */
 static __device__ __forceinline__ void fm_tma_load_4d_hint(unsigned dst, const fm_tma_desc *d,
                                                            unsigned bar, int c0, int c1, int c2,

@@ -1,0 +1,353 @@
+/*
+ * moe_gemm_sm90_swap.cuh - the warp-specialised Hopper grouped GEMMs with the operands swapped
+ * (moe_gemm_sm90 with pipe = swap; included by templates/moe_gemm_sm90.cu when FM_MOE_WS = 2):
+ * the weights are the wgmma's M side and the tokens its N side.
+ *
+ * Why: wgmma's M is 64 rows per warpgroup, its N anything from 8 to 256 in steps of 8. With the
+ * tokens on M (pipe = ws) an expert's last tile is padded to 64 rows per warpgroup: at T = 4096
+ * on DeepSeek-V3 (about 128 +- 15 tokens per expert) a quarter of the tensor work is padding, and
+ * on an H200 the layer takes 8.2 ms with the usual loads against 6.5 ms when every expert gets
+ * exactly 128 tokens (bench/NOTES.md). Here each tile issues its wgmma with N = its real token
+ * count rounded up to 16 (kStep), so the padding is 8 rows on average instead of about 32.
+ *
+ * Launch (the same as pipe = ws, runtime/moe.c builds the maps):
+ *   fm_moe_gemm1_sm90(tma_x = (a copy of tma_w, unused), tma_w = w13 as 5-D (H, 8, 2, I/8, E), p)
+ *   fm_moe_gemm2_sm90(tma_x = intermediate as (I, rows, 1, 1), tma_w = w2 as (I, H, E, 1), p)
+ *   block 128 * (1 + BLOCK_N / 64) threads, grid = tiles (ws_grid = tiles) or min(SMs, tiles),
+ *   dynamic shared memory STAGES * (BLOCK_M + BLOCK_N) * 128 + 2048 (+ the token table).
+ * BLOCK_M is the token tile (the alignment pads each expert to a multiple of it), BLOCK_N the
+ * weight rows of a tile: 64 per consumer warpgroup.
+ *
+ * Stage layout: [weights BLOCK_N x 64 | tokens BLOCK_M x 64], 128-byte rows, 128-byte swizzle.
+ *  - gemm1's weight box is (64, 8, 2, BLOCK_N/16, 1) of w13 viewed as (H, 8, 2, I/8, E): the
+ *    stage holds groups of 16 rows, 8 gate rows of columns c..c+7 then the 8 up rows of the same
+ *    columns. In the m64nN accumulator a thread owns rows g and g + 8 of its warp's 16, so gate
+ *    and up of one column meet in one thread and SwiGLU runs in registers.
+ *  - gemm1's token rows are gathered by the producer warpgroup with cp.async (16 bytes each);
+ *    only the real rows are copied. gemm2's token rows come by TMA in boxes of 32 rows, as many
+ *    as the real rows need.
+ *  - Rows past the real count hold whatever the stage held before. They only feed accumulator
+ *    columns of tokens that do not exist (column n of D depends on row n of B alone), which
+ *    the epilogues never write.
+ *
+ * Consumers: per tile, n = the real token count rounded up to kStep; the k loop is instantiated
+ * for every N = kStep .. BLOCK_M and the tile runs the one for n (a warp-uniform branch per tile,
+ * not per k step, so wgmma stays pipelined). Epilogues from registers:
+ *  - gemm1: thread (warp w, g, tq) holds gate and up of column c = 8w + g for tokens
+ *    8i + 2tq + {0, 1}; neighbours g and g^1 swap one value each so that every thread stores two
+ *    adjacent columns (4 bytes) of one token's intermediate row.
+ *  - gemm2: rows are output columns; the same swap, then the routing weight of the token, into
+ *    its slot row (16-bit) or added in fp32 to its token's row.
+ */
+#pragma once
+
+#define FM_SWAP_CONSUMERS (FM_BLOCK_N / 64)
+#if FM_BLOCK_N != 128 && FM_BLOCK_N != 192
+#error "pipe = swap takes BLOCK_N = 128 or 192 weight rows (two or three consumer warpgroups)"
+#endif
+#if FM_BLOCK_M != 128 && FM_BLOCK_M != 192 && FM_BLOCK_M != 256
+#error "pipe = swap takes BLOCK_M = 128, 192 or 256 token rows"
+#endif
+#if FM_SWAP_CONSUMERS == 3 && FM_BLOCK_M > 192
+#error "three consumers hold at most 96 accumulators each (BLOCK_M <= 192)"
+#endif
+#ifndef FM_PRODUCER_REGS
+#if FM_SWAP_CONSUMERS == 2
+#define FM_PRODUCER_REGS 56
+#else
+#define FM_PRODUCER_REGS 32
+#endif
+#endif
+#ifndef FM_CONSUMER_REGS
+#if FM_SWAP_CONSUMERS == 2
+#define FM_CONSUMER_REGS 224 /* 128 * (56 + 2 * 224) = 64512 <= 65536 */
+#else
+#define FM_CONSUMER_REGS 160 /* 128 * (32 + 3 * 160) = 65536 */
+#endif
+#endif
+#if FM_STAGES < 3
+#error "pipe = swap needs at least 3 stages (cp.async lag STAGES - 2 >= 1)"
+#endif
+#if 128 * (FM_PRODUCER_REGS + FM_SWAP_CONSUMERS * FM_CONSUMER_REGS) > 65536
+#error "register split exceeds the 64K registers of an SM"
+#endif
+
+namespace fm_moe_swap {
+
+constexpr int kTN = FM_BLOCK_M; /* token rows of a tile */
+constexpr int kWM = FM_BLOCK_N; /* weight rows of a tile */
+constexpr int kBK = 64;
+constexpr int kConsumers = FM_SWAP_CONSUMERS;
+constexpr int kStages = FM_STAGES;
+constexpr int kLag = kStages - 2;
+constexpr int kStep = 16;     /* token granularity of the wgmma N */
+constexpr int kBoxRows = 32;  /* gemm2's token rows per TMA box */
+constexpr int kRowBytes = kBK * 2;
+constexpr int kWBytes = kWM * kRowBytes;
+constexpr int kXBytes = kTN * kRowBytes;
+constexpr int kStageBytes = kWBytes + kXBytes;
+constexpr int kBarOffset = kStages * kStageBytes; /* full[S] then empty[S] */
+constexpr int kAccMax = kTN / 2;
+constexpr int kGatherIters = kTN / 16; /* rows per producer thread: rbase + 16 j */
+/* The producer keeps its rows' token indices in shared memory ([j][thread], each thread reads
+ * only what it wrote: no barrier): held in its registers through the k loop, even 8 of them
+ * (block_m 128) made ptxas spill. */
+constexpr bool kTokInSmem = true;
+constexpr int kTokOffset = kBarOffset + 256;
+static_assert(kStageBytes % 1024 == 0 && kWBytes % 1024 == 0, "1024-byte swizzle atoms");
+static_assert(kTN % kBoxRows == 0 && kTN % kStep == 0, "whole boxes and steps per tile");
+static_assert(16 * kStages <= 256, "barriers fit below the token table");
+
+static __device__ __forceinline__ void st_shared_s32(unsigned addr, int v) {
+    asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+static __device__ __forceinline__ int ld_shared_s32(unsigned addr) {
+    int v;
+    asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+    return v;
+}
+
+/* Tile t: its M (token) tile, N (weight) tile, expert, first padded row and real token rows. */
+struct tile {
+    int m_tile, n_tile, expert, m0, rows;
+};
+static __device__ __forceinline__ tile tile_at(const fm_moe_gemm_params &p, int t, int m_tiles) {
+    tile x;
+    fm_moe::raster_tiles(t, m_tiles, p.n_tiles, p.group_m, x.m_tile, x.n_tile);
+    x.expert = p.tile_expert[x.m_tile];
+    x.m0 = x.m_tile * kTN;
+    x.rows = min(kTN, p.expert_counts[x.expert] - (x.m0 - p.expert_offsets[x.expert]));
+    return x;
+}
+
+template <bool GATHER>
+static __device__ __forceinline__ void producer(const fm_tma_desc *tma_w, const fm_tma_desc *tma_x,
+                                                const fm_moe_gemm_params &p, unsigned s_base,
+                                                int m_tiles, int total) {
+    const int tid = threadIdx.x; /* 0..127 */
+    if (!GATHER && tid != 0) return;
+    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
+    const int k_tiles = p.k / kBK;
+    const int ccol = tid % 8, rbase = tid / 8;
+    const fm_elem_t *A = (const fm_elem_t *)p.a;
+
+    int it = 0, signaled = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const tile x = tile_at(p, t, m_tiles);
+        int tok[kGatherIters];
+        unsigned tx = kWBytes;
+        if (GATHER) {
+#pragma unroll
+            for (int j = 0; j < kGatherIters; ++j) {
+                const int r = rbase + 16 * j;
+                tok[j] = r < x.rows ? p.sorted_slot[x.m0 + r] / p.topk : -1;
+                if constexpr (kTokInSmem)
+                    st_shared_s32(s_base + (unsigned)(kTokOffset + 4 * (128 * j + tid)), tok[j]);
+            }
+        } else {
+            tx += (unsigned)((x.rows + kBoxRows - 1) / kBoxRows * kBoxRows * kRowBytes);
+        }
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+            const int s = it % kStages;
+            const unsigned ph = (unsigned)(it / kStages) & 1u;
+            const unsigned sW = s_base + (unsigned)(s * kStageBytes), sX = sW + kWBytes;
+            fm_mbar_wait(bar_empty + 8 * s, ph ^ 1u);
+            if (tid == 0) {
+                fm_mbar_arrive_expect_tx(bar_full + 8 * s, tx);
+                if (GATHER) { /* w13 (H, 8, 2, I/8, E): groups of 8 gate + 8 up rows */
+                    fm_tma_load_5d(sW, tma_w, bar_full + 8 * s, kt * kBK, 0, 0,
+                                   x.n_tile * (kWM / 16), x.expert);
+                } else { /* w2 (I, H, E, 1); intermediate (I, rows, 1, 1) */
+                    fm_tma_load_4d(sW, tma_w, bar_full + 8 * s, kt * kBK, x.n_tile * kWM,
+                                   x.expert, 0);
+                    for (int r = 0; r < x.rows; r += kBoxRows)
+                        fm_tma_load_4d(sX + (unsigned)(r * kRowBytes), tma_x, bar_full + 8 * s,
+                                       kt * kBK, x.m0 + r, 0, 0);
+                }
+            }
+            if (GATHER) {
+                const fm_elem_t *col = A + kt * kBK + ccol * 8;
+#pragma unroll
+                for (int j = 0; j < kGatherIters; ++j) {
+                    if constexpr (kTokInSmem)
+                        tok[j] = ld_shared_s32(s_base + (unsigned)(kTokOffset + 4 * (128 * j + tid)));
+                    if (tok[j] >= 0)
+                        fm_cp_async_16(sX + fm_moe::swz<kBK>(rbase + 16 * j, ccol),
+                                       col + (long long)tok[j] * p.k, 16);
+                }
+                fm_cp_async_commit();
+                if (it + 1 - signaled > kLag) {
+                    /* k-tile `signaled` is the oldest pending group: wait for it, publish it. */
+                    fm_cp_async_wait<kLag>();
+                    fm_fence_proxy_async();
+                    fm_mbar_arrive(bar_full + 8 * (signaled % kStages));
+                    ++signaled;
+                }
+            }
+        }
+    }
+    if (GATHER) {
+        fm_cp_async_wait<0>();
+        fm_fence_proxy_async();
+        for (; signaled < it; ++signaled) fm_mbar_arrive(bar_full + 8 * (signaled % kStages));
+    }
+}
+
+/* The k loop of one tile with wgmma N = N tokens: 4 m64nNk16 per stage, one group in flight
+ * behind the one issued, the previous stage released once its group is done. */
+template <int N>
+static __device__ __forceinline__ void mainloop(float (&acc)[kAccMax], unsigned long long a_desc0,
+                                                unsigned long long b_desc0, unsigned bar_full,
+                                                unsigned bar_empty, int k_tiles, int &it,
+                                                int lane) {
+    constexpr unsigned kStageDesc = kStageBytes >> 4;
+    float(&d)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&acc[0]);
+    int prev_s = 0;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kStages;
+        fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
+        const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
+        const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
+        fm_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kBK / 16; ++ks)
+            fm_wgmma<N>::template ss<FM_DTYPE_BF16, 0>(d, ad + (unsigned)(2 * ks),
+                                                       bd + (unsigned)(2 * ks), 1);
+        fm_wgmma_commit();
+        fm_wgmma_wait<1>();
+        if (kt > 0 && lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
+        prev_s = s;
+    }
+    fm_wgmma_wait<0>();
+    fm_fence_regs(d);
+    if (lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
+}
+
+/* Runs mainloop<n> for the runtime n (a multiple of kStep in kStep..N). */
+template <int N>
+static __device__ __forceinline__ void mainloop_n(int n, float (&acc)[kAccMax],
+                                                  unsigned long long a_desc0,
+                                                  unsigned long long b_desc0, unsigned bar_full,
+                                                  unsigned bar_empty, int k_tiles, int &it,
+                                                  int lane) {
+    if constexpr (N > kStep) {
+        if (n < N) {
+            mainloop_n<N - kStep>(n, acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
+                                  lane);
+            return;
+        }
+    }
+    mainloop<N>(acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane);
+}
+
+template <bool GATED>
+static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
+                                                int m_tiles, int total) {
+    const int cw = threadIdx.x / 128 - 1; /* weight rows 64cw..64cw+63 of each tile */
+    const int wtid = threadIdx.x % 128;
+    const int warp = wtid / 32, lane = wtid % 32;
+    const int g = lane / 4, tq = lane % 4;
+    const int odd = g & 1;
+    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
+    const int k_tiles = p.k / kBK;
+    const unsigned long long a_desc0 =
+        fm_wgmma_desc_sw128(s_base + (unsigned)(cw * 64 * kRowBytes), 16, 1024);
+    const unsigned long long b_desc0 = fm_wgmma_desc_sw128(s_base + kWBytes, 16, 1024);
+
+    float acc[kAccMax];
+    int it = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const tile x = tile_at(p, t, m_tiles);
+        const int n = (x.rows + kStep - 1) / kStep * kStep;
+#pragma unroll
+        for (int i = 0; i < kAccMax; ++i) acc[i] = 0.f;
+        mainloop_n<kTN>(n, acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane);
+
+        if (GATED) {
+            /* Column c of this warp's rows; the pair a thread stores starts at c - odd. */
+            const int col = x.n_tile * (kWM / 2) + 32 * cw + 8 * warp + g - odd;
+            fm_elem_t *C = (fm_elem_t *)p.c;
+#pragma unroll
+            for (int i = 0; i < kAccMax / 4; ++i) {
+                if (8 * i >= n) break;
+                const float v0 = fm_moe::silu(acc[4 * i]) * acc[4 * i + 2];
+                const float v1 = fm_moe::silu(acc[4 * i + 1]) * acc[4 * i + 3];
+                const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+                const int tok = 8 * i + 2 * tq + odd;
+                if (tok < x.rows && col < p.n)
+                    *(unsigned *)(C + (long long)(x.m0 + tok) * p.n + col) =
+                        odd ? fm_pack_elem2(r, v1) : fm_pack_elem2(v0, r);
+            }
+        } else {
+            const int col0 = x.n_tile * kWM + 64 * cw + 16 * warp + g - odd;
+#pragma unroll
+            for (int i = 0; i < kAccMax / 4; ++i) {
+                if (8 * i >= n) break;
+                const int tok = 8 * i + 2 * tq + odd;
+                const int slot = tok < x.rows ? p.sorted_slot[x.m0 + tok] : -1;
+                const float w = slot >= 0 ? p.slot_weight[slot] : 0.f;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
+                    const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+                    const float lo = w * (odd ? r : v0), hi = w * (odd ? v1 : r);
+                    const int col = col0 + 8 * h;
+                    if (slot < 0 || col >= p.n) continue;
+                    if (p.atomic)
+                        fm_moe::red_add_f32x2((float *)p.c + (long long)(slot / p.topk) * p.n + col,
+                                              lo, hi);
+                    else
+                        *(unsigned *)((fm_elem_t *)p.c + (long long)slot * p.n + col) =
+                            fm_pack_elem2(lo, hi);
+                }
+            }
+        }
+    }
+}
+
+template <bool GATED>
+static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_w, const fm_tma_desc *tma_x,
+                                            const fm_moe_gemm_params &p,
+                                            unsigned char *smem_raw) {
+    const unsigned s_base = (fm_smem_u32(smem_raw) + 1023u) & ~1023u;
+    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
+    if (threadIdx.x == 0) {
+        if (!GATED) fm_tma_prefetch_desc(tma_x);
+        fm_tma_prefetch_desc(tma_w);
+        for (int s = 0; s < kStages; ++s) {
+            /* gemm1: 128 cp.async arrivals + thread 0's expect_tx; gemm2: the expect_tx. */
+            fm_mbar_init(bar_full + 8 * s, GATED ? 129 : 1);
+            fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers); /* one per consumer warp */
+        }
+        fm_mbar_init_fence();
+    }
+    __syncthreads();
+
+    const int m_tiles = min(*p.num_tiles, p.m_tiles);
+    const int total = m_tiles * p.n_tiles;
+    /* Warp-uniform by construction, so that each role compiles under its own register budget. */
+    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
+    if (wg == 0) {
+        fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
+        producer<GATED>(tma_w, tma_x, p, s_base, m_tiles, total);
+    } else {
+        fm_setmaxnreg_inc<FM_CONSUMER_REGS>();
+        consumer<GATED>(p, s_base, m_tiles, total);
+    }
+}
+
+} // namespace fm_moe_swap
+
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_SWAP_CONSUMERS), 1)
+fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_x,
+                  const __grid_constant__ fm_tma_desc tma_w, const fm_moe_gemm_params p) {
+    extern __shared__ __align__(1024) unsigned char fm_smem[];
+    fm_moe_swap::gemm<true>(&tma_w, &tma_x, p, fm_smem);
+}
+
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_SWAP_CONSUMERS), 1)
+fm_moe_gemm2_sm90(const __grid_constant__ fm_tma_desc tma_x,
+                  const __grid_constant__ fm_tma_desc tma_w, const fm_moe_gemm_params p) {
+    extern __shared__ __align__(1024) unsigned char fm_smem[];
+    fm_moe_swap::gemm<false>(&tma_w, &tma_x, p, fm_smem);
+}

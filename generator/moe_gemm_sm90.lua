@@ -12,23 +12,26 @@
 -- gemm1 takes block_n/2 gate and block_n/2 up rows), stages. block_k is 64 (the swizzle atom's
 -- row). Launch-only axes as in sm80: group_m, split_k (gemm2), combine.
 
--- ws and swap: + 1024 more for the 2 * stages mbarriers behind the ring, and the producer's
--- table of gathered token indices where they do not fit its registers (ws: three consumers,
--- block_m 192; swap: always, block_m / 16 rows per producer thread).
-local function smem(c)
-  local table_bytes = 0
-  if c.pipe == "ws" and c.block_m == 192 then table_bytes = 128 * 12 * 4 end
-  if c.pipe == "swap" then table_bytes = 128 * (c.block_m // 16) * 4 end
-  return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "sync" and 1024 or 2048)
-    + table_bytes
-end
-
 -- Consumer warpgroups of the warp-specialised pipelines: ws puts 64 token rows on each, swap 64
 -- weight rows.
 local function consumers(c)
   if c.pipe == "ws" then return c.block_m // 64 end
   if c.pipe == "swap" then return c.block_n // 64 end
   return 0
+end
+
+-- ws and swap: + 1024 more for the 2 * stages mbarriers behind the ring, and the producer's
+-- table of gathered token indices where they do not fit its registers (ws: three consumers,
+-- block_m 192; swap: always, block_m / 16 rows per producer thread).
+local function smem(c)
+  local table_bytes = 0
+  if c.pipe == "ws" and c.block_m == 192 then table_bytes = 128 * 12 * 4 end
+  -- swap also keeps each consumer's table of its tile's slots and weights (8 bytes per token).
+  if c.pipe == "swap" then
+    table_bytes = 128 * (c.block_m // 16) * 4 + consumers(c) * c.block_m * 8
+  end
+  return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "sync" and 1024 or 2048)
+    + table_bytes
 end
 
 return {

@@ -7,12 +7,13 @@
  *   0. combine=atomic only: memset acc [T, H] fp32 to 0
  *   1. fm_moe_route        grid ceil(T / 4) x 128 threads: ids, weights [T, K]
  *   2. fm_moe_align        1 x 1024: counts, padded offsets, sorted_slot, tile_expert, num_tiles
+ *                          (pipe = swap: also each padded row's routing weight)
  *   3. fm_moe_gemm1_<arch> grid m_tiles * ceil(I / (BN/2)): intermediate [rows, I] 16-bit
  *   4. fm_moe_gemm2_<arch> grid (m_tiles * ceil(H / BN), split_k): slot rows or fp32 atomics
  *      (<arch> = sm80 or sm90 from the configuration's family; block and shared memory from
- *      the loaded configuration, the same for both GEMMs). moe_gemm_sm90 with pipe = ws: both
- *      GEMMs are persistent (grid min(SMs, tiles), one CTA per SM) and take two tensor maps
- *      before the parameter block (ws_maps below)
+ *      the loaded configuration, the same for both GEMMs). moe_gemm_sm90 with pipe = ws or
+ *      swap: both GEMMs take two tensor maps before the parameter block (ws_maps below) and
+ *      run persistent (grid min(SMs, tiles)) or one CTA per tile (ws_grid)
  *   5. fm_moe_combine      grid ceil(T * H / 2048) x 256: out [T, H]
  * m_tiles = floor((T*K + min(E, T*K) * (BM - 1)) / BM) bounds the real tile count: an expert
  * with c > 0 rows needs ceil(c / BM) <= (c + BM - 1) / BM tiles, at most min(E, T*K) experts
@@ -22,7 +23,8 @@
  * Workspace (config-independent, so its size never depends on what the database holds; each
  * region starts on a 256-byte boundary):
  *   ids [T*K] i32 | weights [T*K] f32 | counts [E] i32 | offsets [E+1] i32 | num_tiles [1] i32 |
- *   sorted_slot [R] i32 | tile_expert [M] i32 | intermediate [R, I] 16-bit |
+ *   sorted_slot [R] i32 | sorted_weight [R] f32 | tile_expert [M] i32 |
+ *   intermediate [R, I] 16-bit |
  *   buffer max(T*K*H*2, T*H*4) bytes (slot rows, or the fp32 accumulator)
  * with R = T*K + min(E, T*K) * (MAX_BLOCK_M - 1) (rows grow with BM) and
  *      M = floor((T*K + min(E, T*K) * (MIN_BLOCK_M - 1)) / MIN_BLOCK_M) (tiles shrink with BM).
@@ -101,7 +103,8 @@ static fm_status check_ptr(const fm_context *ctx, const void *p, const char *nam
 }
 
 typedef struct moe_layout {
-    size_t ids, weights, counts, offsets, num_tiles, sorted, tile_expert, inter, buf, total;
+    size_t ids, weights, counts, offsets, num_tiles, sorted, sorted_w, tile_expert, inter, buf,
+        total;
     long long max_rows, max_tiles;
 } moe_layout;
 
@@ -135,6 +138,8 @@ static void layout_of(const fm_moe_args *a, moe_layout *l) {
     l->num_tiles = off;
     off += 256;
     l->sorted = off;
+    off += up256((size_t)l->max_rows * 4);
+    l->sorted_w = off;
     off += up256((size_t)l->max_rows * 4);
     l->tile_expert = off;
     off += up256((size_t)l->max_tiles * 4);
@@ -452,6 +457,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     ap.num_tiles = num_tiles;
     ap.expert_counts = (int *)(ws + l.counts);
     ap.expert_offsets = (int *)(ws + l.offsets);
+    ap.slot_weight = weights;
+    ap.sorted_weight = swap_pipe ? (float *)(ws + l.sorted_w) : NULL;
     ap.slots = T * K;
     ap.experts = E;
     ap.block_m = bm;
@@ -478,6 +485,7 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     g1.atomic = 0;
     g1.expert_counts = ap.expert_counts;
     g1.expert_offsets = ap.expert_offsets;
+    g1.sorted_weight = ap.sorted_weight;
 
     fm_moe_gemm_params g2 = g1;
     g2.a = inter;

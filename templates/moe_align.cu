@@ -5,6 +5,7 @@
  * Outputs (see common/moe_params.h): expert_counts[e]; expert_offsets[e] = first padded row of
  * expert e (each range rounded up to block_m rows), expert_offsets[E] = total rows;
  * sorted_slot[row] = slot id (token * K + k) or -1 for the padding rows of every expert;
+ * sorted_weight[row] (when asked for) = that slot's routing weight, 0 for padding;
  * tile_expert[i] = expert of the i-th block_m-row tile; num_tiles = total rows / block_m.
  * Rows past the total are not written: the GEMMs never read them (their tiles exit early).
  * Within one expert the order of slots is whatever the atomics give; each row of the GEMMs is
@@ -132,7 +133,10 @@ fm_moe_align(const fm_moe_align_params p) {
     /* ---- padding rows: one warp per expert, lanes over its (fewer than BM) padding rows ---- */
     for (int e = warp; e < E; e += kWarps) {
         const int first = s_off[e] + s_count[e];
-        for (int r = first + lane; r < s_off[e + 1]; r += 32) p.sorted_slot[r] = -1;
+        for (int r = first + lane; r < s_off[e + 1]; r += 32) {
+            p.sorted_slot[r] = -1;
+            if (p.sorted_weight) p.sorted_weight[r] = 0.f;
+        }
     }
 
     /* ---- pass 2: place every slot ---- */
@@ -141,6 +145,9 @@ fm_moe_align(const fm_moe_align_params p) {
         const int e = s < p.slots ? p.topk_ids[s] : -1;
         const bool valid = e >= 0 && e < E;
         const int pos = aggregated_inc(s_cursor, e, valid);
-        if (valid) p.sorted_slot[s_off[e] + pos] = s;
+        if (valid) {
+            p.sorted_slot[s_off[e] + pos] = s;
+            if (p.sorted_weight) p.sorted_weight[s_off[e] + pos] = p.slot_weight[s];
+        }
     }
 }

@@ -37,7 +37,9 @@
  *    8i + 2tq + {0, 1}; neighbours g and g^1 swap one value each so that every thread stores two
  *    adjacent columns (4 bytes) of one token's intermediate row.
  *  - gemm2: rows are output columns; the same swap, then the routing weight of the token, into
- *    its slot row (16-bit) or added in fp32 to its token's row.
+ *    its slot row (16-bit) or added in fp32 to its token's row. The slots and weights of the
+ *    tile's tokens come from a per-warpgroup table (kMetaOffset), filled from registers loaded
+ *    when the tile started (the alignment kernel wrote each padded row's weight).
  */
 #pragma once
 
@@ -94,6 +96,14 @@ constexpr int kGatherIters = kTN / 16; /* rows per producer thread: rbase + 16 j
  * (block_m 128) made ptxas spill. */
 constexpr bool kTokInSmem = true;
 constexpr int kTokOffset = kBarOffset + 256;
+/* gemm2's epilogue needs each token column's slot and routing weight. Loaded in the epilogue,
+ * one pair per column group behind the previous group's stores, they cost a global round trip
+ * each (about 18 per tile: longer than gemm2's whole k loop). Instead every consumer thread
+ * loads kMetaPer rows' (slot, weight) when its tile starts, keeps them in registers through the
+ * k loop, and parks them in its warpgroup's table [slot x kTN | weight x kTN] for the epilogue. */
+constexpr int kMetaPer = (kTN + 127) / 128;
+constexpr int kMetaOffset = kTokOffset + 128 * kGatherIters * 4;
+constexpr int kMetaBytes = kTN * 8; /* per consumer warpgroup */
 static_assert(kStageBytes % 1024 == 0 && kWBytes % 1024 == 0, "1024-byte swizzle atoms");
 static_assert(kTN % kBoxRows == 0 && kTN % kStep == 0, "whole boxes and steps per tile");
 static_assert(16 * kStages <= 256, "barriers fit below the token table");
@@ -254,14 +264,38 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         fm_wgmma_desc_sw128(s_base + (unsigned)(cw * 64 * kRowBytes), 16, 1024);
     const unsigned long long b_desc0 = fm_wgmma_desc_sw128(s_base + kWBytes, 16, 1024);
 
+    const unsigned meta = s_base + (unsigned)(kMetaOffset + cw * kMetaBytes);
+
     float acc[kAccMax];
     int it = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
         const tile x = tile_at(p, t, m_tiles);
         const int n = (x.rows + kStep - 1) / kStep * kStep;
+        int m_slot[kMetaPer];
+        float m_w[kMetaPer];
+        if (!GATED) {
+#pragma unroll
+            for (int j = 0; j < kMetaPer; ++j) {
+                const int r = wtid + 128 * j;
+                const bool real = r < x.rows;
+                m_slot[j] = real ? p.sorted_slot[x.m0 + r] : -1;
+                m_w[j] = real ? p.sorted_weight[x.m0 + r] : 0.f;
+            }
+        }
 #pragma unroll
         for (int i = 0; i < kAccMax; ++i) acc[i] = 0.f;
         mainloop_n<kTN>(n, acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane);
+        if (!GATED) {
+#pragma unroll
+            for (int j = 0; j < kMetaPer; ++j) {
+                const int r = wtid + 128 * j;
+                if (r < kTN) {
+                    st_shared_s32(meta + 4u * (unsigned)r, m_slot[j]);
+                    st_shared_s32(meta + 4u * (unsigned)(kTN + r), __float_as_int(m_w[j]));
+                }
+            }
+            fm_bar_sync(1 + cw, 128); /* this warpgroup's table is complete */
+        }
 
         if (GATED) {
             /* Column c of this warp's rows; the pair a thread stores starts at c - odd. */
@@ -284,8 +318,8 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
             for (int i = 0; i < kAccMax / 4; ++i) {
                 if (8 * i >= n) break;
                 const int tok = 8 * i + 2 * tq + odd;
-                const int slot = tok < x.rows ? p.sorted_slot[x.m0 + tok] : -1;
-                const float w = slot >= 0 ? p.slot_weight[slot] : 0.f;
+                const int slot = ld_shared_s32(meta + 4u * (unsigned)tok);
+                const float w = __int_as_float(ld_shared_s32(meta + 4u * (unsigned)(kTN + tok)));
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
@@ -301,6 +335,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
                             fm_pack_elem2(lo, hi);
                 }
             }
+            fm_bar_sync(1 + cw, 128); /* everyone has read the table: the next tile may refill it */
         }
     }
 }

@@ -46,6 +46,8 @@ typedef struct fm_moe_align_params {
     int *num_tiles;         /* [1] out: real tiles (of block_m rows) */
     int *expert_counts;     /* [E] out */
     int *expert_offsets;    /* [E + 1] out: first padded row of each expert, then the total */
+    const float *slot_weight; /* [T * K] routing weights, read when sorted_weight is set */
+    float *sorted_weight;   /* [max_rows] out or 0: routing weight per padded row, 0 for padding */
     int slots;              /* T * K */
     int experts;
     int block_m;
@@ -79,6 +81,7 @@ typedef struct fm_moe_gemm_params {
     int pad_;
     const int *expert_counts;  /* [E] slots per expert (pipe = swap: real rows of a tile) */
     const int *expert_offsets; /* [E + 1] first padded row of each expert */
+    const float *sorted_weight; /* [rows] routing weight per padded row (pipe = swap, gemm2) */
 } fm_moe_gemm_params;
 
 /* Combine: out[t] = sum_k slot_buf[t*K + k] (combine = slot) or out[t] = acc[t] (atomic),

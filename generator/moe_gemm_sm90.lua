@@ -20,18 +20,18 @@ local function consumers(c)
   return 0
 end
 
--- ws and swap: + 1024 more for the 2 * stages mbarriers behind the ring, and the producer's
--- table of gathered token indices where they do not fit its registers (ws: three consumers,
--- block_m 192; swap: always, block_m / 16 rows per producer thread).
+-- ws: + 1024 more for the 2 * stages mbarriers behind the ring, and with three consumers
+-- (block_m 192) the producer's 6 KB table of gathered token indices. swap: its own rings,
+-- stages of weights (block_n rows) and SWAP_X_STAGES of tokens (block_m rows), the table of the
+-- tile's token indices and each consumer's table of its tokens' slots and weights.
+local SWAP_X_STAGES = 3
 local function smem(c)
-  local table_bytes = 0
-  if c.pipe == "ws" and c.block_m == 192 then table_bytes = 128 * 12 * 4 end
-  -- swap also keeps each consumer's table of its tile's slots and weights (8 bytes per token).
   if c.pipe == "swap" then
-    table_bytes = 128 * (c.block_m // 16) * 4 + consumers(c) * c.block_m * 8
+    return c.stages * c.block_n * 128 + SWAP_X_STAGES * c.block_m * 128 + 2048 + c.block_m * 4
+      + consumers(c) * c.block_m * 8
   end
   return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "sync" and 1024 or 2048)
-    + table_bytes
+    + ((c.pipe == "ws" and c.block_m == 192) and 128 * 12 * 4 or 0)
 end
 
 return {
@@ -176,6 +176,7 @@ return {
       FM_BLOCK_N = c.block_n,
       FM_STAGES = c.stages,
       FM_MOE_WS = (c.pipe == "ws" and 1) or (c.pipe == "swap" and 2) or 0,
+      FM_X_STAGES = c.pipe == "swap" and SWAP_X_STAGES or nil,
     }
   end,
 

@@ -14,17 +14,24 @@
  *   fm_moe_gemm1_sm90(tma_x = (a copy of tma_w, unused), tma_w = w13 as 5-D (H, 8, 2, I/8, E), p)
  *   fm_moe_gemm2_sm90(tma_x = intermediate as (I, rows, 1, 1), tma_w = w2 as (I, H, E, 1), p)
  *   block 128 * (1 + BLOCK_N / 64) threads, grid = tiles (ws_grid = tiles) or min(SMs, tiles),
- *   dynamic shared memory STAGES * (BLOCK_M + BLOCK_N) * 128 + 2048 (+ the token table).
+ *   dynamic shared memory STAGES * BLOCK_N * 128 + X_STAGES * BLOCK_M * 128 + 2048 + the token
+ *   table (BLOCK_M * 4) + the consumers' slot/weight tables (BLOCK_N / 64 * BLOCK_M * 8).
  * BLOCK_M is the token tile (the alignment pads each expert to a multiple of it), BLOCK_N the
  * weight rows of a tile: 64 per consumer warpgroup.
  *
- * Stage layout: [weights BLOCK_N x 64 | tokens BLOCK_M x 64], 128-byte rows, 128-byte swizzle.
+ * Two rings, 128-byte rows, 128-byte swizzle: STAGES weight stages [BLOCK_N x 64] (from DRAM,
+ * as deep as shared memory allows) and X_STAGES token stages [BLOCK_M x 64] (from L2), each
+ * with its own full/empty barriers and its own producer, so that weight copies run ahead of
+ * the token gathers. A first version shared one stage between both and reached 73% of the
+ * DRAM bandwidth in gemm1 where the ws tile reached 89% (ncu, H100): too few weight bytes in
+ * flight per SM.
  *  - gemm1's weight box is (64, 8, 2, BLOCK_N/16, 1) of w13 viewed as (H, 8, 2, I/8, E): the
  *    stage holds groups of 16 rows, 8 gate rows of columns c..c+7 then the 8 up rows of the same
  *    columns. In the m64nN accumulator a thread owns rows g and g + 8 of its warp's 16, so gate
  *    and up of one column meet in one thread and SwiGLU runs in registers.
- *  - gemm1's token rows are gathered by the producer warpgroup with cp.async (16 bytes each);
- *    only the real rows are copied. gemm2's token rows come by TMA in boxes of 32 rows, as many
+ *  - gemm1's token rows are gathered by producer warps 1..3 with cp.async (16 bytes each; the
+ *    rows' token indices in a shared table written when the tile starts); only the real rows
+ *    are copied. gemm2's token rows come by TMA in boxes of 32 rows, as many
  *    as the real rows need.
  *  - Rows past the real count hold whatever the stage held before. They only feed accumulator
  *    columns of tokens that do not exist (column n of D depends on row n of B alone), which
@@ -53,22 +60,27 @@
 #if FM_SWAP_CONSUMERS == 3 && FM_BLOCK_M > 192
 #error "three consumers hold at most 96 accumulators each (BLOCK_M <= 192)"
 #endif
+/* The producer's gather loop (runtime row bounds, 64-bit addresses) needs about 40 registers;
+ * 32 spilled. */
 #ifndef FM_PRODUCER_REGS
 #if FM_SWAP_CONSUMERS == 2
 #define FM_PRODUCER_REGS 56
 #else
-#define FM_PRODUCER_REGS 32
+#define FM_PRODUCER_REGS 48
 #endif
 #endif
 #ifndef FM_CONSUMER_REGS
 #if FM_SWAP_CONSUMERS == 2
 #define FM_CONSUMER_REGS 224 /* 128 * (56 + 2 * 224) = 64512 <= 65536 */
 #else
-#define FM_CONSUMER_REGS 160 /* 128 * (32 + 3 * 160) = 65536 */
+#define FM_CONSUMER_REGS 152 /* 128 * (48 + 3 * 152) = 64512: 96 accumulators + addressing */
 #endif
 #endif
-#if FM_STAGES < 3
-#error "pipe = swap needs at least 3 stages (cp.async lag STAGES - 2 >= 1)"
+#ifndef FM_X_STAGES
+#define FM_X_STAGES 3 /* token ring depth (the weight ring's is FM_STAGES) */
+#endif
+#if FM_STAGES < 2 || FM_X_STAGES < 3
+#error "pipe = swap needs 2+ weight stages and 3+ token stages (cp.async lag X_STAGES - 2 >= 1)"
 #endif
 #if 128 * (FM_PRODUCER_REGS + FM_SWAP_CONSUMERS * FM_CONSUMER_REGS) > 65536
 #error "register split exceeds the 64K registers of an SM"
@@ -80,33 +92,36 @@ constexpr int kTN = FM_BLOCK_M; /* token rows of a tile */
 constexpr int kWM = FM_BLOCK_N; /* weight rows of a tile */
 constexpr int kBK = 64;
 constexpr int kConsumers = FM_SWAP_CONSUMERS;
-constexpr int kStages = FM_STAGES;
-constexpr int kLag = kStages - 2;
+constexpr int kWStages = FM_STAGES;   /* weight ring (from DRAM: deep) */
+constexpr int kXStages = FM_X_STAGES; /* token ring (from L2) */
+constexpr int kXLag = kXStages - 2;   /* gathered stages pending behind the one being filled */
 constexpr int kStep = 16;     /* token granularity of the wgmma N */
 constexpr int kBoxRows = 32;  /* gemm2's token rows per TMA box */
+constexpr int kGatherThreads = 96; /* producer warps 1..3 */
 constexpr int kRowBytes = kBK * 2;
 constexpr int kWBytes = kWM * kRowBytes;
 constexpr int kXBytes = kTN * kRowBytes;
-constexpr int kStageBytes = kWBytes + kXBytes;
-constexpr int kBarOffset = kStages * kStageBytes; /* full[S] then empty[S] */
+constexpr int kOffX = kWStages * kWBytes;
+constexpr int kBarOffset = kOffX + kXStages * kXBytes;
+/* w_full[SW], w_empty[SW], x_full[SX], x_empty[SX] */
+constexpr int kBarW = kBarOffset, kBarX = kBarOffset + 16 * kWStages;
+constexpr int kTokOffset = kBarOffset + 256; /* [kTN] token index of each gathered row */
 constexpr int kAccMax = kTN / 2;
-constexpr int kGatherIters = kTN / 16; /* rows per producer thread: rbase + 16 j */
-/* The producer keeps its rows' token indices in shared memory ([j][thread], each thread reads
- * only what it wrote: no barrier): held in its registers through the k loop, even 8 of them
- * (block_m 128) made ptxas spill. */
-constexpr bool kTokInSmem = true;
-constexpr int kTokOffset = kBarOffset + 256;
 /* gemm2's epilogue needs each token column's slot and routing weight. Loaded in the epilogue,
  * one pair per column group behind the previous group's stores, they cost a global round trip
  * each (about 18 per tile: longer than gemm2's whole k loop). Instead every consumer thread
  * loads kMetaPer rows' (slot, weight) when its tile starts, keeps them in registers through the
  * k loop, and parks them in its warpgroup's table [slot x kTN | weight x kTN] for the epilogue. */
 constexpr int kMetaPer = (kTN + 127) / 128;
-constexpr int kMetaOffset = kTokOffset + 128 * kGatherIters * 4;
+constexpr int kMetaOffset = kTokOffset + kTN * 4;
 constexpr int kMetaBytes = kTN * 8; /* per consumer warpgroup */
-static_assert(kStageBytes % 1024 == 0 && kWBytes % 1024 == 0, "1024-byte swizzle atoms");
+static_assert(kWBytes % 1024 == 0 && kXBytes % 1024 == 0, "1024-byte swizzle atoms");
 static_assert(kTN % kBoxRows == 0 && kTN % kStep == 0, "whole boxes and steps per tile");
-static_assert(16 * kStages <= 256, "barriers fit below the token table");
+static_assert(16 * (kWStages + kXStages) <= 256, "barriers fit below the token table");
+static_assert(kXLag >= 1, "the token ring needs at least 3 stages");
+
+/* Named barriers: 1 + cw for consumer warpgroup cw's table, kBarGather for the gatherers. */
+constexpr unsigned kBarGather = 4;
 
 static __device__ __forceinline__ void st_shared_s32(unsigned addr, int v) {
     asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
@@ -130,94 +145,116 @@ static __device__ __forceinline__ tile tile_at(const fm_moe_gemm_params &p, int 
     return x;
 }
 
+/* Producer warpgroup: warp 0's first lane streams the weights (its own ring, as deep as shared
+ * memory allows: the weights come from DRAM); warps 1..3 bring the tokens (gemm1: gathered
+ * with cp.async by all 96 threads, only real rows; gemm2: TMA boxes issued by one thread). The
+ * two rings advance once per k step each, independently: a weight copy never waits for a token
+ * gather, which is what kept too few weight bytes in flight when both shared one stage. */
 template <bool GATHER>
 static __device__ __forceinline__ void producer(const fm_tma_desc *tma_w, const fm_tma_desc *tma_x,
                                                 const fm_moe_gemm_params &p, unsigned s_base,
                                                 int m_tiles, int total) {
     const int tid = threadIdx.x; /* 0..127 */
-    if (!GATHER && tid != 0) return;
-    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
     const int k_tiles = p.k / kBK;
-    const int ccol = tid % 8, rbase = tid / 8;
-    const fm_elem_t *A = (const fm_elem_t *)p.a;
+    const unsigned w_full = s_base + kBarW, w_empty = w_full + 8 * kWStages;
+    const unsigned x_full = s_base + kBarX, x_empty = x_full + 8 * kXStages;
 
+    if (tid < 32) { /* ---- weights ---- */
+        if (tid != 0) return;
+        int it = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            const tile x = tile_at(p, t, m_tiles);
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                const int s = it % kWStages;
+                const unsigned sW = s_base + (unsigned)(s * kWBytes);
+                fm_mbar_wait(w_empty + 8 * s, ((unsigned)(it / kWStages) & 1u) ^ 1u);
+                fm_mbar_arrive_expect_tx(w_full + 8 * s, kWBytes);
+                if (GATHER) /* w13 (H, 8, 2, I/8, E): groups of 8 gate + 8 up rows */
+                    fm_tma_load_5d(sW, tma_w, w_full + 8 * s, kt * kBK, 0, 0,
+                                   x.n_tile * (kWM / 16), x.expert);
+                else /* w2 (I, H, E, 1) */
+                    fm_tma_load_4d(sW, tma_w, w_full + 8 * s, kt * kBK, x.n_tile * kWM, x.expert,
+                                   0);
+            }
+        }
+        return;
+    }
+
+    /* ---- tokens ---- */
+    if (!GATHER) {
+        if (tid != 32) return;
+        int it = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            const tile x = tile_at(p, t, m_tiles);
+            const unsigned tx = (unsigned)((x.rows + kBoxRows - 1) / kBoxRows * kBoxRows * kRowBytes);
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                const int s = it % kXStages;
+                const unsigned sX = s_base + (unsigned)(kOffX + s * kXBytes);
+                fm_mbar_wait(x_empty + 8 * s, ((unsigned)(it / kXStages) & 1u) ^ 1u);
+                fm_mbar_arrive_expect_tx(x_full + 8 * s, tx);
+                for (int r = 0; r < x.rows; r += kBoxRows) /* intermediate (I, rows, 1, 1) */
+                    fm_tma_load_4d(sX + (unsigned)(r * kRowBytes), tma_x, x_full + 8 * s,
+                                   kt * kBK, x.m0 + r, 0, 0);
+            }
+        }
+        return;
+    }
+
+    const int gt = tid - 32; /* 0..95 */
+    const int ccol = gt % 8, r0 = gt / 8; /* rows r0 + 12 j, 16-byte chunk ccol */
+    const fm_elem_t *A = (const fm_elem_t *)p.a;
+    const unsigned tok_tab = s_base + kTokOffset;
     int it = 0, signaled = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
         const tile x = tile_at(p, t, m_tiles);
-        int tok[kGatherIters];
-        unsigned tx = kWBytes;
-        if (GATHER) {
-#pragma unroll
-            for (int j = 0; j < kGatherIters; ++j) {
-                const int r = rbase + 16 * j;
-                tok[j] = r < x.rows ? p.sorted_slot[x.m0 + r] / p.topk : -1;
-                if constexpr (kTokInSmem)
-                    st_shared_s32(s_base + (unsigned)(kTokOffset + 4 * (128 * j + tid)), tok[j]);
-            }
-        } else {
-            tx += (unsigned)((x.rows + kBoxRows - 1) / kBoxRows * kBoxRows * kRowBytes);
-        }
+        fm_bar_sync(kBarGather, kGatherThreads); /* the previous tile's table is no longer read */
+        for (int r = gt; r < x.rows; r += kGatherThreads)
+            st_shared_s32(tok_tab + 4u * (unsigned)r, p.sorted_slot[x.m0 + r] / p.topk);
+        fm_bar_sync(kBarGather, kGatherThreads);
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-            const int s = it % kStages;
-            const unsigned ph = (unsigned)(it / kStages) & 1u;
-            const unsigned sW = s_base + (unsigned)(s * kStageBytes), sX = sW + kWBytes;
-            fm_mbar_wait(bar_empty + 8 * s, ph ^ 1u);
-            if (tid == 0) {
-                fm_mbar_arrive_expect_tx(bar_full + 8 * s, tx);
-                if (GATHER) { /* w13 (H, 8, 2, I/8, E): groups of 8 gate + 8 up rows */
-                    fm_tma_load_5d(sW, tma_w, bar_full + 8 * s, kt * kBK, 0, 0,
-                                   x.n_tile * (kWM / 16), x.expert);
-                } else { /* w2 (I, H, E, 1); intermediate (I, rows, 1, 1) */
-                    fm_tma_load_4d(sW, tma_w, bar_full + 8 * s, kt * kBK, x.n_tile * kWM,
-                                   x.expert, 0);
-                    for (int r = 0; r < x.rows; r += kBoxRows)
-                        fm_tma_load_4d(sX + (unsigned)(r * kRowBytes), tma_x, bar_full + 8 * s,
-                                       kt * kBK, x.m0 + r, 0, 0);
-                }
+            const int s = it % kXStages;
+            const unsigned sX = s_base + (unsigned)(kOffX + s * kXBytes);
+            fm_mbar_wait(x_empty + 8 * s, ((unsigned)(it / kXStages) & 1u) ^ 1u);
+            const fm_elem_t *col = A + kt * kBK + ccol * 8;
+            for (int r = r0; r < x.rows; r += kGatherThreads / 8) {
+                const int tok = ld_shared_s32(tok_tab + 4u * (unsigned)r);
+                fm_cp_async_16(sX + fm_moe::swz<kBK>(r, ccol), col + (long long)tok * p.k, 16);
             }
-            if (GATHER) {
-                const fm_elem_t *col = A + kt * kBK + ccol * 8;
-#pragma unroll
-                for (int j = 0; j < kGatherIters; ++j) {
-                    if constexpr (kTokInSmem)
-                        tok[j] = ld_shared_s32(s_base + (unsigned)(kTokOffset + 4 * (128 * j + tid)));
-                    if (tok[j] >= 0)
-                        fm_cp_async_16(sX + fm_moe::swz<kBK>(rbase + 16 * j, ccol),
-                                       col + (long long)tok[j] * p.k, 16);
-                }
-                fm_cp_async_commit();
-                if (it + 1 - signaled > kLag) {
-                    /* k-tile `signaled` is the oldest pending group: wait for it, publish it. */
-                    fm_cp_async_wait<kLag>();
-                    fm_fence_proxy_async();
-                    fm_mbar_arrive(bar_full + 8 * (signaled % kStages));
-                    ++signaled;
-                }
+            fm_cp_async_commit();
+            if (it + 1 - signaled > kXLag) {
+                /* k-tile `signaled` is the oldest pending group: wait for it, publish it. */
+                fm_cp_async_wait<kXLag>();
+                fm_fence_proxy_async();
+                fm_mbar_arrive(x_full + 8 * (signaled % kXStages));
+                ++signaled;
             }
         }
     }
-    if (GATHER) {
-        fm_cp_async_wait<0>();
-        fm_fence_proxy_async();
-        for (; signaled < it; ++signaled) fm_mbar_arrive(bar_full + 8 * (signaled % kStages));
-    }
+    fm_cp_async_wait<0>();
+    fm_fence_proxy_async();
+    for (; signaled < it; ++signaled) fm_mbar_arrive(x_full + 8 * (signaled % kXStages));
 }
 
-/* The k loop of one tile with wgmma N = N tokens: 4 m64nNk16 per stage, one group in flight
- * behind the one issued, the previous stage released once its group is done. */
+/* The k loop of one tile with wgmma N = N tokens: 4 m64nNk16 per k step, one group in flight
+ * behind the one issued, the previous step's weight and token stages released once its group
+ * is done. */
+struct rings {
+    unsigned long long a_desc0, b_desc0; /* stage 0 of each ring (this warpgroup's weight rows) */
+    unsigned bar;                        /* w_full[0]; the other barriers at fixed offsets */
+};
+
 template <int N>
-static __device__ __forceinline__ void mainloop(float (&acc)[kAccMax], unsigned long long a_desc0,
-                                                unsigned long long b_desc0, unsigned bar_full,
-                                                unsigned bar_empty, int k_tiles, int &it,
-                                                int lane) {
-    constexpr unsigned kStageDesc = kStageBytes >> 4;
+static __device__ __forceinline__ void mainloop(float (&acc)[kAccMax], const rings &rg,
+                                                int k_tiles, int &it, int lane) {
+    constexpr unsigned kWEmpty = 8 * kWStages, kXFull = kBarX - kBarW;
+    constexpr unsigned kXEmpty = kXFull + 8 * kXStages;
     float(&d)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&acc[0]);
-    int prev_s = 0;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int s = it % kStages;
-        fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
-        const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
-        const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
+        const int sw = it % kWStages, sx = it % kXStages;
+        fm_mbar_wait(rg.bar + 8 * sw, (unsigned)(it / kWStages) & 1u);
+        fm_mbar_wait(rg.bar + kXFull + 8 * sx, (unsigned)(it / kXStages) & 1u);
+        const unsigned long long ad = rg.a_desc0 + (unsigned long long)(sw * (kWBytes >> 4));
+        const unsigned long long bd = rg.b_desc0 + (unsigned long long)(sx * (kXBytes >> 4));
         fm_wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kBK / 16; ++ks)
@@ -225,29 +262,30 @@ static __device__ __forceinline__ void mainloop(float (&acc)[kAccMax], unsigned 
                                                        bd + (unsigned)(2 * ks), 1);
         fm_wgmma_commit();
         fm_wgmma_wait<1>();
-        if (kt > 0 && lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
-        prev_s = s;
+        if (kt > 0 && lane == 0) { /* the previous step's stages */
+            fm_mbar_arrive(rg.bar + kWEmpty + 8 * ((it - 1) % kWStages));
+            fm_mbar_arrive(rg.bar + kXEmpty + 8 * ((it - 1) % kXStages));
+        }
     }
     fm_wgmma_wait<0>();
     fm_fence_regs(d);
-    if (lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
+    if (lane == 0) {
+        fm_mbar_arrive(rg.bar + kWEmpty + 8 * ((it - 1) % kWStages));
+        fm_mbar_arrive(rg.bar + kXEmpty + 8 * ((it - 1) % kXStages));
+    }
 }
 
 /* Runs mainloop<n> for the runtime n (a multiple of kStep in kStep..N). */
 template <int N>
-static __device__ __forceinline__ void mainloop_n(int n, float (&acc)[kAccMax],
-                                                  unsigned long long a_desc0,
-                                                  unsigned long long b_desc0, unsigned bar_full,
-                                                  unsigned bar_empty, int k_tiles, int &it,
-                                                  int lane) {
+static __device__ __forceinline__ void mainloop_n(int n, float (&acc)[kAccMax], const rings &rg,
+                                                  int k_tiles, int &it, int lane) {
     if constexpr (N > kStep) {
         if (n < N) {
-            mainloop_n<N - kStep>(n, acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
-                                  lane);
+            mainloop_n<N - kStep>(n, acc, rg, k_tiles, it, lane);
             return;
         }
     }
-    mainloop<N>(acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane);
+    mainloop<N>(acc, rg, k_tiles, it, lane);
 }
 
 template <bool GATED>
@@ -258,11 +296,11 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
     const int warp = wtid / 32, lane = wtid % 32;
     const int g = lane / 4, tq = lane % 4;
     const int odd = g & 1;
-    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
     const int k_tiles = p.k / kBK;
-    const unsigned long long a_desc0 =
-        fm_wgmma_desc_sw128(s_base + (unsigned)(cw * 64 * kRowBytes), 16, 1024);
-    const unsigned long long b_desc0 = fm_wgmma_desc_sw128(s_base + kWBytes, 16, 1024);
+    rings rg;
+    rg.a_desc0 = fm_wgmma_desc_sw128(s_base + (unsigned)(cw * 64 * kRowBytes), 16, 1024);
+    rg.b_desc0 = fm_wgmma_desc_sw128(s_base + (unsigned)kOffX, 16, 1024);
+    rg.bar = s_base + kBarW;
 
     const unsigned meta = s_base + (unsigned)(kMetaOffset + cw * kMetaBytes);
 
@@ -284,7 +322,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         }
 #pragma unroll
         for (int i = 0; i < kAccMax; ++i) acc[i] = 0.f;
-        mainloop_n<kTN>(n, acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane);
+        mainloop_n<kTN>(n, acc, rg, k_tiles, it, lane);
         if (!GATED) {
 #pragma unroll
             for (int j = 0; j < kMetaPer; ++j) {
@@ -345,14 +383,17 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_w, const fm_t
                                             const fm_moe_gemm_params &p,
                                             unsigned char *smem_raw) {
     const unsigned s_base = (fm_smem_u32(smem_raw) + 1023u) & ~1023u;
-    const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
     if (threadIdx.x == 0) {
         if (!GATED) fm_tma_prefetch_desc(tma_x);
         fm_tma_prefetch_desc(tma_w);
-        for (int s = 0; s < kStages; ++s) {
-            /* gemm1: 128 cp.async arrivals + thread 0's expect_tx; gemm2: the expect_tx. */
-            fm_mbar_init(bar_full + 8 * s, GATED ? 129 : 1);
-            fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers); /* one per consumer warp */
+        for (int s = 0; s < kWStages; ++s) {
+            fm_mbar_init(s_base + kBarW + 8 * s, 1);                        /* expect_tx */
+            fm_mbar_init(s_base + kBarW + 8 * (kWStages + s), 4 * kConsumers); /* per warp */
+        }
+        for (int s = 0; s < kXStages; ++s) {
+            /* gemm1: one arrival per gathering thread; gemm2: the expect_tx. */
+            fm_mbar_init(s_base + kBarX + 8 * s, GATED ? kGatherThreads : 1);
+            fm_mbar_init(s_base + kBarX + 8 * (kXStages + s), 4 * kConsumers);
         }
         fm_mbar_init_fence();
     }

@@ -22,12 +22,11 @@ end
 
 -- ws: + 1024 more for the 2 * stages mbarriers behind the ring, and with three consumers
 -- (block_m 192) the producer's 6 KB table of gathered token indices. swap: its own rings,
--- stages of weights (block_n rows) and SWAP_X_STAGES of tokens (block_m rows), the table of the
+-- stages of weights (block_n rows) and x_stages of tokens (block_m rows), the table of the
 -- tile's token indices and each consumer's table of its tokens' slots and weights.
-local SWAP_X_STAGES = 3
 local function smem(c)
   if c.pipe == "swap" then
-    return c.stages * c.block_n * 128 + SWAP_X_STAGES * c.block_m * 128 + 2048 + c.block_m * 4
+    return c.stages * c.block_n * 128 + c.x_stages * c.block_m * 128 + 2048 + c.block_m * 4
       + consumers(c) * c.block_m * 8
   end
   return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "sync" and 1024 or 2048)
@@ -64,6 +63,10 @@ return {
     -- tiles of one expert) drift apart over their rounds, while CTAs launched per tile start in
     -- raster order, side by side, every time.
     { name = "ws_grid", values = { "persistent", "tiles" }, default = "persistent" },
+    -- pipe = swap only: depth of the token ring (gathered from L2, lag x_stages - 2); stages is
+    -- then the depth of the weight ring. A first version with 3 token stages lost 3% at T=1024
+    -- on an H100 against one shared ring of 5 (bench/NOTES.md, MoE v5).
+    { name = "x_stages", values = { 3, 4, 5 }, default = 3 },
   },
 
   constraints = {
@@ -138,6 +141,10 @@ return {
       check = function(c) return c.pipe ~= "swap" or c.stages >= 3 end,
     },
     {
+      reason = "x_stages is for pipe = swap (the other pipelines have one ring)",
+      check = function(c) return c.pipe == "swap" or c.x_stages == 3 end,
+    },
+    {
       -- 64 x 64 warpgroup tiles leave the A tile reused by only 64 weight rows.
       reason = "block_n = 64 is for the weight-streaming tile (block_m = 64)",
       check = function(c) return c.block_n >= 128 or (c.block_m == 64 and c.pipe == "sync") end,
@@ -166,7 +173,7 @@ return {
   name_of = function(c)
     return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s%s", c.dtype, c.block_m,
       c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "sync" and "" or "_" .. c.pipe)
-      .. (c.ws_grid == "tiles" and "_tiles" or "")
+      .. (c.x_stages ~= 3 and "_x" .. c.x_stages or "") .. (c.ws_grid == "tiles" and "_tiles" or "")
   end,
 
   defines = function(c)
@@ -176,7 +183,7 @@ return {
       FM_BLOCK_N = c.block_n,
       FM_STAGES = c.stages,
       FM_MOE_WS = (c.pipe == "ws" and 1) or (c.pipe == "swap" and 2) or 0,
-      FM_X_STAGES = c.pipe == "swap" and SWAP_X_STAGES or nil,
+      FM_X_STAGES = c.pipe == "swap" and c.x_stages or nil,
     }
   end,
 
@@ -197,7 +204,8 @@ return {
     local sms = p.sms or 132
     local hit = math.min(e, t * k)
     local rows = t * k / hit
-    local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent" }
+    local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent",
+      x_stages = 3 }
     -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
     -- tile won every bucket from T=1024 (32 rows per expert) up, launched one CTA per tile;
     -- three stages and group_m 8 were within 3% of each bucket's best (T = 1024, 4096, 16384);

@@ -130,10 +130,26 @@ static __device__ __forceinline__ void fm_moe_wgmma_epilogue(const fm_moe_gemm_p
     }
 }
 
+#if FM_MOE_WS
 #if FM_MOE_WS == 2
 #include "common/moe_gemm_sm90_swap.cuh"
-#elif FM_MOE_WS
+#else
 #include "common/moe_gemm_sm90_ws.cuh"
+#endif
+/* The warp-specialised entries: the token operand's tensor map (gemm1: unused), the weights'. */
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WSP_CONSUMERS), 1)
+fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_a,
+                  const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
+    extern __shared__ __align__(1024) unsigned char fm_smem[];
+    fm_moe_wsp::gemm<true>(&tma_a, &tma_b, p, fm_smem);
+}
+
+extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WSP_CONSUMERS), 1)
+fm_moe_gemm2_sm90(const __grid_constant__ fm_tma_desc tma_a,
+                  const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
+    extern __shared__ __align__(1024) unsigned char fm_smem[];
+    fm_moe_wsp::gemm<false>(&tma_a, &tma_b, p, fm_smem);
+}
 #else
 namespace fm_moe_sm90 {
 

@@ -136,4 +136,21 @@ static __device__ __forceinline__ void raster_tiles(int t, int m_tiles, int n_ti
     n_tile = local / rows;
 }
 
+/* The role split of the warp-specialised pipelines: warpgroup 0 gives registers away and runs
+ * producer(), the others take them and run consumer(). The warpgroup index is broadcast from
+ * lane 0 so that the compiler sees it warp-uniform: ptxas then compiles each role under its own
+ * setmaxnreg budget (a consumer's m64n256 wgmma needs more than the 128 registers per thread a
+ * 512-thread CTA starts with). Needs ptx_sm90.cuh. */
+template <int PRODUCER_REGS, int CONSUMER_REGS, class Producer, class Consumer>
+static __device__ __forceinline__ void split_roles(Producer producer, Consumer consumer) {
+    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
+    if (wg == 0) {
+        fm_setmaxnreg_dec<PRODUCER_REGS>();
+        producer();
+    } else {
+        fm_setmaxnreg_inc<CONSUMER_REGS>();
+        consumer();
+    }
+}
+
 } // namespace fm_moe

@@ -379,7 +379,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
 }
 
 template <bool GATED>
-static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_w, const fm_tma_desc *tma_x,
+static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_x, const fm_tma_desc *tma_w,
                                             const fm_moe_gemm_params &p,
                                             unsigned char *smem_raw) {
     const unsigned s_base = (fm_smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -401,29 +401,12 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_w, const fm_t
 
     const int m_tiles = min(*p.num_tiles, p.m_tiles);
     const int total = m_tiles * p.n_tiles;
-    /* Warp-uniform by construction, so that each role compiles under its own register budget. */
-    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
-    if (wg == 0) {
-        fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
-        producer<GATED>(tma_w, tma_x, p, s_base, m_tiles, total);
-    } else {
-        fm_setmaxnreg_inc<FM_CONSUMER_REGS>();
-        consumer<GATED>(p, s_base, m_tiles, total);
-    }
+    fm_moe::split_roles<FM_PRODUCER_REGS, FM_CONSUMER_REGS>(
+        [&] { producer<GATED>(tma_w, tma_x, p, s_base, m_tiles, total); },
+        [&] { consumer<GATED>(p, s_base, m_tiles, total); });
 }
 
 } // namespace fm_moe_swap
 
-extern "C" __global__ void __launch_bounds__(128 * (1 + FM_SWAP_CONSUMERS), 1)
-fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_x,
-                  const __grid_constant__ fm_tma_desc tma_w, const fm_moe_gemm_params p) {
-    extern __shared__ __align__(1024) unsigned char fm_smem[];
-    fm_moe_swap::gemm<true>(&tma_w, &tma_x, p, fm_smem);
-}
-
-extern "C" __global__ void __launch_bounds__(128 * (1 + FM_SWAP_CONSUMERS), 1)
-fm_moe_gemm2_sm90(const __grid_constant__ fm_tma_desc tma_x,
-                  const __grid_constant__ fm_tma_desc tma_w, const fm_moe_gemm_params p) {
-    extern __shared__ __align__(1024) unsigned char fm_smem[];
-    fm_moe_swap::gemm<false>(&tma_w, &tma_x, p, fm_smem);
-}
+#define FM_WSP_CONSUMERS FM_SWAP_CONSUMERS
+namespace fm_moe_wsp = fm_moe_swap; /* the entry points in moe_gemm_sm90.cu */

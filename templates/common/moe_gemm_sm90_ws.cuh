@@ -301,31 +301,12 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
     /* Real M tiles (written by the alignment kernel earlier on the stream). */
     const int m_tiles = min(*p.num_tiles, p.m_tiles);
     const int total = m_tiles * p.n_tiles;
-    /* Warp-uniform by construction (a broadcast): ptxas then compiles each role's code under its
-     * own setmaxnreg budget (the consumers' m64n256 wgmma needs more than the 128 registers per
-     * thread a 512-thread CTA starts with). */
-    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
-    if (wg == 0) {
-        fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
-        producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total);
-    } else {
-        fm_setmaxnreg_inc<FM_CONSUMER_REGS>();
-        consumer<GATED>(p, s_base, m_tiles, total);
-    }
+    fm_moe::split_roles<FM_PRODUCER_REGS, FM_CONSUMER_REGS>(
+        [&] { producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total); },
+        [&] { consumer<GATED>(p, s_base, m_tiles, total); });
 }
 
 } // namespace fm_moe_ws
 
-extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1)
-fm_moe_gemm1_sm90(const __grid_constant__ fm_tma_desc tma_a,
-                  const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
-    extern __shared__ __align__(1024) unsigned char fm_smem[];
-    fm_moe_ws::gemm<true>(&tma_a, &tma_b, p, fm_smem);
-}
-
-extern "C" __global__ void __launch_bounds__(128 * (1 + FM_WS_CONSUMERS), 1)
-fm_moe_gemm2_sm90(const __grid_constant__ fm_tma_desc tma_a,
-                  const __grid_constant__ fm_tma_desc tma_b, const fm_moe_gemm_params p) {
-    extern __shared__ __align__(1024) unsigned char fm_smem[];
-    fm_moe_ws::gemm<false>(&tma_a, &tma_b, p, fm_smem);
-}
+#define FM_WSP_CONSUMERS FM_WS_CONSUMERS
+namespace fm_moe_wsp = fm_moe_ws; /* the entry points in moe_gemm_sm90.cu */

@@ -1,16 +1,19 @@
 -- moe_gemm_sm90.lua - the grouped expert GEMMs of the fused MoE forward for Hopper (sm_90a):
 -- wgmma m64nNk16 from 128-byte-swizzled shared memory (templates/moe_gemm_sm90.cu). Same entries,
 -- parameters and semantics as moe_gemm_sm80 (read its header); the runtime derives gemm2's symbol
--- from the family name. Two pipelines (axis pipe):
+-- from the family name. Three pipelines (axis pipe):
 --  - sync: every thread copies with cp.async, one CTA per tile (the launch of sm80);
---  - ws: warp-specialised and persistent (templates/common/moe_gemm_sm90_ws.cuh): a producer
---    warpgroup (weights and gemm2's A through the copy engine, gemm1's gathered rows with
---    cp.async) and two consumer warpgroups; its GEMM entries take two tensor maps before the
---    parameter block and run one CTA per SM (runtime/moe.c builds the maps).
+--  - ws: warp-specialised (templates/common/moe_gemm_sm90_ws.cuh): a producer warpgroup (weights
+--    and gemm2's A through the copy engine, gemm1's gathered rows with cp.async) and two or three
+--    consumer warpgroups of 64 token rows; its GEMM entries take two tensor maps before the
+--    parameter block (runtime/moe.c builds the maps) and run persistent or one CTA per tile;
+--  - swap: the same roles with the operands swapped (templates/common/moe_gemm_sm90_swap.cuh):
+--    consumers of 64 weight rows, the tile's tokens as the wgmma N, issued per tile with N = the
+--    real rows rounded up to 16; weights and tokens in separate rings.
 --
--- Axes compiled in: pipe, block_m (64 rows per warpgroup: 64 or 128), block_n (the wgmma N:
--- gemm1 takes block_n/2 gate and block_n/2 up rows), stages. block_k is 64 (the swizzle atom's
--- row). Launch-only axes as in sm80: group_m, split_k (gemm2), combine.
+-- Axes compiled in: pipe, block_m (the token tile), block_n (the weight tile: gemm1 takes
+-- block_n/2 gate and block_n/2 up rows), stages, x_stages (swap's token ring). block_k is 64 (the
+-- swizzle atom's row). Launch-only axes as in sm80: group_m, split_k (gemm2), combine, ws_grid.
 
 -- Consumer warpgroups of the warp-specialised pipelines: ws puts 64 token rows on each, swap 64
 -- weight rows.

@@ -156,6 +156,12 @@ return {
     -- memory with 16-byte stores; 1 one thread hands them to the copy engine (TMA store) and the
     -- warpgroup starts its next tile at once. Only with a staging buffer of its own.
     { name = "tma_store", values = { 0, 1 }, default = 0 },
+    -- CTAs per cluster. 2: a cluster runs tiles of 2 * block_m rows, each CTA its own block_m of
+    -- them, and each CTA copies half of every K/V block, multicast into both CTAs' rings: L2 is
+    -- read once per cluster. At d128 a 128x128 tile reads 64 KB of K and V from L2 per key block,
+    -- about 5 TB/s over the card, and reading it twice over measured 3-10% slower under
+    -- sustained load (H100, bench/NOTES.md): the card is at its power limit there.
+    { name = "cluster", values = { 1, 2 }, default = 1 },
   },
 
   constraints = {
@@ -212,6 +218,14 @@ return {
       end,
     },
     {
+      -- d64's 192-row tiles already read K/V for 1.5x the rows, and its speed is set by the
+      -- exponentials; the variants would double the d64 space for little.
+      reason = "cluster 2 only for a persistent, non-causal grid of one CTA per SM at head dim 128 or 256 (every CTA of a cluster walks the same key blocks)",
+      check = function(c)
+        return c.cluster == 1 or (c.persistent == 1 and c.causal == 0 and c.ctas_per_sm == 1 and c.head_dim >= 128)
+      end,
+    },
+    {
       reason = "tma_store only with the output staged in a buffer of its own (o_separate): in the V ring the next tile's V copies would have to wait for the store",
       check = function(c) return c.tma_store == 0 or o_separate(c) end,
     },
@@ -245,6 +259,7 @@ return {
       .. (c.q_stages == 1 and "" or string.format("_q%d", c.q_stages))
       .. (c.split_tail == 1 and "_sk" or "")
       .. (c.tma_store == 1 and "_ts" or "")
+      .. (c.cluster == 1 and "" or string.format("_cl%d", c.cluster))
   end,
 
   defines = function(c)
@@ -265,6 +280,7 @@ return {
       FM_Q_STAGES = c.q_stages,
       FM_SPLIT_TAIL = c.split_tail,
       FM_TMA_STORE = c.tma_store,
+      FM_CLUSTER = c.cluster,
       FM_PRODUCER_REGS = sp and c.producer_regs or 0,
       FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,
     }
@@ -284,7 +300,7 @@ return {
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
     local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
-      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, head_dim = d }
+      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, cluster = 1, head_dim = d }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then

@@ -42,15 +42,22 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
     const long long bn = fm_config_int(&k->cfg, "block_n", 0);
     const long long persistent = fm_config_int(&k->cfg, "persistent", 0);
     const long long ctas_per_sm = fm_config_int(&k->cfg, "ctas_per_sm", 1);
+    const long long cluster = fm_config_int(&k->cfg, "cluster", 1);
     if (bm < 64 || bm > 256 || bm % 64 != 0 || bn < 16 || bn > 256 || bn % 16 != 0)
         return fm_set_error(ctx, FM_ERR_INTERNAL, "%s: block_m %lld / block_n %lld out of range",
                             k->name, bm, bn);
+    if ((cluster != 1 && cluster != 2) || (cluster == 2 && (!persistent || a->causal)))
+        return fm_set_error(ctx, FM_ERR_INTERNAL, "%s: cluster %lld needs a persistent, non-causal "
+                            "kernel", k->name, cluster);
     if (a->head_dim % 64 != 0)
         return fm_set_error(ctx, FM_ERR_UNSUPPORTED,
                             "%s: head_dim %d is not a multiple of 64 (one 128-byte TMA box)",
                             k->name, a->head_dim);
 
-    const long long m_blocks = ((long long)p->seqlen_q + bm - 1) / bm;
+    /* With clusters the schedule's tiles are a cluster's (cluster * block_m rows): the last one
+     * may leave a CTA only rows past seqlen_q, which it skips while still copying its share of
+     * K and V for the other. */
+    const long long m_blocks = ((long long)p->seqlen_q + bm * cluster - 1) / (bm * cluster);
     const long long tiles = m_blocks * p->heads * p->batch;
     /* Half of INT_MAX: the kernel's persistent causal schedule numbers two indices per pair of
      * m-blocks, in int. */
@@ -70,9 +77,9 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
     if ((s = encode_map(ctx, &tm[0], "tensor map of q", a->dtype, a->q, a->head_dim, a->seqlen_q,
                         a->heads, a->batch, a->q_stride, (int)bm)) != FM_OK ||
         (s = encode_map(ctx, &tm[1], "tensor map of k", a->dtype, a->k, a->head_dim, a->seqlen_k,
-                        a->kv_heads, a->batch, a->k_stride, (int)bn)) != FM_OK ||
+                        a->kv_heads, a->batch, a->k_stride, (int)(bn / cluster))) != FM_OK ||
         (s = encode_map(ctx, &tm[2], "tensor map of v", a->dtype, a->v, a->head_dim, a->seqlen_k,
-                        a->kv_heads, a->batch, a->v_stride, (int)bn)) != FM_OK)
+                        a->kv_heads, a->batch, a->v_stride, (int)(bn / cluster))) != FM_OK)
         return s;
     /* O, for configurations that store the output through the copy engine: boxes of 64 rows
      * (one consumer warpgroup's rows); rows past seqlen_q are clipped by the map. */
@@ -90,6 +97,41 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
     if (persistent && ctx->sm_count > 0 && grid > ctx->sm_count * ctas_per_sm)
         grid = ctx->sm_count * ctas_per_sm;
 
+    CUresult r = ctx->drv->cuFuncSetAttribute(k->fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                              k->smem_bytes);
+    if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);
+
+    CUlaunchAttribute attr;
+    CUlaunchConfig lc;
+    memset(&attr, 0, sizeof attr);
+    memset(&lc, 0, sizeof lc);
+    lc.blockDimX = (unsigned)k->threads;
+    lc.blockDimY = lc.blockDimZ = 1;
+    lc.gridDimY = lc.gridDimZ = 1;
+    lc.sharedMemBytes = (unsigned)k->smem_bytes;
+    lc.hStream = stream;
+    if (cluster > 1) {
+        attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr.value.clusterDim.x = (unsigned)cluster;
+        attr.value.clusterDim.y = attr.value.clusterDim.z = 1;
+        lc.attrs = &attr;
+        lc.numAttrs = 1;
+        /* The schedule counts clusters, all resident at once (the split tail's owners wait on
+         * other CTAs): as many as the GPCs hold, which may be fewer than SMs / cluster. */
+        if (k->max_clusters == 0) {
+            int n = 0;
+            lc.gridDimX = (unsigned)(ctx->sm_count > 0 ? ctx->sm_count : cluster);
+            r = ctx->drv->cuOccupancyMaxActiveClusters(&n, k->fn, &lc);
+            if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);
+            if (n < 1)
+                return fm_set_error(ctx, FM_ERR_UNSUPPORTED, "%s: no cluster of %lld CTAs fits "
+                                    "this device", k->name, cluster);
+            /* a cache filled on first use; concurrent launches would store the same value */
+            ((fm_loaded *)k)->max_clusters = n;
+        }
+        if (grid > k->max_clusters) grid = k->max_clusters;
+    }
+
     /* Split tail: see fm_tile_iter in the template. The partial last round is split, so that
      * every CTA gets the same number of key blocks; a round more only where that round alone
      * would give a CTA fewer than two. Splitting two rounds (CUTLASS's "data-parallel + one
@@ -98,7 +140,7 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
      * is then every SM. */
     if (fm_config_int(&k->cfg, "split_tail", 0) == 1 && a->workspace && !a->causal &&
         ctx->sm_count > 0) {
-        const long long g = ctx->sm_count;
+        const long long g = cluster > 1 ? k->max_clusters : ctx->sm_count;
         const long long nk = ((long long)p->seqlen_k + bn - 1) / bn;
         long long first = tiles / g * g;
         long long units = (tiles - first) * nk;
@@ -115,18 +157,14 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
             grid = g;
             /* The ready flags must start at zero: each launch sets the ones it uses (and a
              * fresh workspace holds anything). */
-            CUresult r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)a->workspace, 0,
-                                                    (size_t)g * 3, stream);
+            r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)a->workspace, 0,
+                                           (size_t)(g * cluster) * 3, stream);
             if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);
         }
     }
 
-    CUresult r = ctx->drv->cuFuncSetAttribute(k->fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                              k->smem_bytes);
-    if (r != CUDA_SUCCESS) return fm_cuda_error(ctx, ctx->drv, r, k->name);
-
     void *args[] = {&tm[0], &tm[1], &tm[2], &tm[3], p};
-    r = ctx->drv->cuLaunchKernel(k->fn, (unsigned)grid, 1, 1, (unsigned)k->threads, 1, 1,
-                                 (unsigned)k->smem_bytes, stream, args, NULL);
+    lc.gridDimX = (unsigned)(grid * cluster);
+    r = ctx->drv->cuLaunchKernelEx(&lc, k->fn, args, NULL);
     return r == CUDA_SUCCESS ? FM_OK : fm_cuda_error(ctx, ctx->drv, r, k->name);
 }

@@ -36,6 +36,7 @@
     X(cuLaunchKernel, (CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,   \
                        unsigned, CUstream, void **, void **))                                    \
     X(cuLaunchKernelEx, (const CUlaunchConfig *, CUfunction, void **, void **))                  \
+    X(cuOccupancyMaxActiveClusters, (int *, CUfunction, const CUlaunchConfig *))                 \
     X(cuMemAlloc, (CUdeviceptr *, size_t))                                                       \
     X(cuMemFree, (CUdeviceptr))                                                                  \
     X(cuMemcpyHtoD, (CUdeviceptr, const void *, size_t))                                         \

@@ -120,6 +120,7 @@ typedef struct fm_loaded {
     CUmodule module;
     CUfunction fn;
     int threads, smem_bytes;
+    int max_clusters; /* clusters of the configuration's size resident at once (0: not asked yet) */
     fm_config cfg;
     struct fm_loaded *next;
 } fm_loaded;

@@ -6,9 +6,14 @@
  *
  * Block of FM_THREADS = 128 * (1 + FM_CONSUMER_WGS) threads, one tile of FM_BLOCK_M query rows of
  * one (batch, head) at a time (persistent: several tiles, strided by gridDim.x).
- *  - Warpgroup 0 is the producer. After giving most of its registers away (setmaxnreg.dec), one
- *    thread issues every copy: Q once per tile, then K and V of each key block into a ring of
- *    FM_STAGES slots guarded by full (copy landed) and empty (slot released) mbarriers.
+ *  - Warpgroup 0 is the producer. After giving most of its registers away (setmaxnreg.dec), two
+ *    threads issue the copies: one Q once per tile and K of each key block, the other V, into a
+ *    ring of FM_STAGES slots guarded by full (copy landed) and empty (slot released) mbarriers.
+ *  - FM_CLUSTER 2 (persistent, not causal): a cluster of two CTAs runs tiles of 2 * FM_BLOCK_M
+ *    rows, each CTA its own FM_BLOCK_M of them, both visiting the same key blocks. Each CTA
+ *    copies half of every K and V block and multicasts it into both CTAs' rings, so L2 is read
+ *    once per cluster; a slot is refilled once the consumers of both CTAs released it (they
+ *    arrive on both CTAs' empty barriers).
  *  - Warpgroups 1..FM_CONSUMER_WGS are consumers; consumer c owns query rows 64c..64c+63 of the
  *    tile. Per key block: S = Q K^T (wgmma, both operands in shared memory), mask, online
  *    softmax in registers (exp2 with the scale folded into one FMA), P rounded to 16 bits in
@@ -98,6 +103,9 @@
 #ifndef FM_CTAS_PER_SM
 #define FM_CTAS_PER_SM 1 /* resident CTAs per SM the kernel is built for (launch bounds) */
 #endif
+#ifndef FM_CLUSTER
+#define FM_CLUSTER 1 /* CTAs per cluster sharing each K/V block (multicast); see the header */
+#endif
 /* Register split under setmaxnreg: the producer needs few (one thread issues copies), the
  * consumers hold O (D/2 floats), S (BLOCK_N/2 floats) and P (BLOCK_N/4 words) per thread. With
  * one consumer warpgroup and one CTA per SM the entry cap (65536 / 256 = 255) is already the
@@ -174,6 +182,12 @@
 #if FM_CTAS_PER_SM != 1 && FM_CTAS_PER_SM != 2
 #error "FM_CTAS_PER_SM must be 1 or 2"
 #endif
+#if FM_CLUSTER != 1 && FM_CLUSTER != 2
+#error "FM_CLUSTER must be 1 or 2"
+#endif
+#if FM_CLUSTER > 1 && (!FM_PERSISTENT || FM_CAUSAL || FM_CTAS_PER_SM != 1 || FM_BLOCK_N % 16 != 0)
+#error "FM_CLUSTER 2 needs a persistent, non-causal grid of one CTA per SM and block_n a multiple of 16"
+#endif
 #if FM_CTAS_PER_SM > 1 && FM_CONSUMER_WGS > 1
 #error "two CTAs per SM only with one consumer warpgroup"
 #endif
@@ -194,6 +208,8 @@
 #define FM_DCHUNKS (FM_D / 64)              /* 128-byte (64-element) column chunks */
 #define FM_Q_BYTES (FM_BM * FM_D * 2)
 #define FM_KV_BYTES (FM_BN * FM_D * 2)      /* one stage of K (or of V) */
+#define FM_VBM (FM_BM * FM_CLUSTER)         /* rows of a cluster's tile */
+#define FM_KV_BOX (FM_BN / FM_CLUSTER)      /* K/V rows each CTA of a cluster copies */
 #define FM_OFF_K (FM_Q_STAGES * FM_Q_BYTES)
 #define FM_OFF_V (FM_OFF_K + FM_STAGES * FM_KV_BYTES)
 #define FM_OFF_O (FM_OFF_V + FM_STAGES * FM_KV_BYTES)
@@ -252,7 +268,7 @@ static __device__ __forceinline__ fm_tile fm_make_tile(int bh, int mb,
     r.h = bh % p.heads;
     r.b = bh / p.heads;
     r.n_lo = 0;
-    fm_key_range(mb * FM_BM, FM_BM, p, r.n_end, r.n_mask_from);
+    fm_key_range(mb * FM_VBM, FM_VBM, p, r.n_end, r.n_mask_from);
     return r;
 }
 
@@ -297,8 +313,12 @@ struct fm_tile_iter {
 static __device__ __forceinline__ int fm_grid_ctas() {
     unsigned r;
     asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(r));
-    return (int)r;
+    return (int)r / FM_CLUSTER;
 }
+
+/* This CTA's index in the schedule: with clusters, both CTAs of a cluster walk the cluster's
+ * sequence of tiles, each taking its own FM_BM rows of every tile. */
+static __device__ __forceinline__ int fm_cta() { return (int)blockIdx.x / FM_CLUSTER; }
 
 /* x, opaque to the compiler: what is computed from it again is not merged with (and kept live
  * from) an earlier computation from x. */
@@ -329,17 +349,17 @@ static __device__ __forceinline__ int fm_sk_bound(int j, const fm_attn_kernel_pa
 }
 /* The index of this CTA's first piece, or done when its share is empty. */
 static __device__ __forceinline__ int fm_sk_enter(const fm_attn_kernel_params &p) {
-    const int u0 = fm_sk_bound((int)blockIdx.x, p);
-    return u0 < fm_sk_bound((int)blockIdx.x + 1, p) ? -(u0 + 1) : FM_ITER_DONE;
+    const int u0 = fm_sk_bound(fm_cta(), p);
+    return u0 < fm_sk_bound(fm_cta() + 1, p) ? -(u0 + 1) : FM_ITER_DONE;
 }
 #endif
 
 static __device__ __forceinline__ void fm_iter_init(fm_tile_iter &it,
                                                     const fm_attn_kernel_params &p) {
 #if FM_SPLIT_TAIL
-    it.v = (int)blockIdx.x < p.sk_first_tile ? (int)blockIdx.x : fm_sk_enter(p);
+    it.v = fm_cta() < p.sk_first_tile ? fm_cta() : fm_sk_enter(p);
 #else
-    it.v = fm_iter_paired(p) ? 2 * (int)blockIdx.x : (int)blockIdx.x;
+    it.v = fm_iter_paired(p) ? 2 * fm_cta() : fm_cta();
 #endif
 }
 
@@ -362,7 +382,7 @@ static __device__ __forceinline__ void fm_iter_advance(fm_tile_iter &it,
     } else {
         /* the next piece starts at the next tile's first unit, if still in this CTA's share */
         const int next = ((-it.v - 1) / p.sk_blocks + 1) * p.sk_blocks;
-        it.v = next < fm_sk_bound((int)blockIdx.x + 1, p) ? -(next + 1) : FM_ITER_DONE;
+        it.v = next < fm_sk_bound(fm_cta() + 1, p) ? -(next + 1) : FM_ITER_DONE;
     }
 #else
     if (fm_iter_paired(p)) /* v = 2u + k: k = 0 the long tile of unit u, k = 1 the short one */
@@ -405,7 +425,7 @@ static __device__ __forceinline__ fm_piece fm_iter_piece(int v, const fm_attn_ke
     const int nb = p.sk_blocks;
     const int t0 = (u / nb) * nb; /* the tile's first unit */
     const int w = u - t0;         /* units of the tile before the piece */
-    const int end = min(fm_sk_bound((int)blockIdx.x + 1, p), t0 + nb) - t0;
+    const int end = min(fm_sk_bound(fm_cta() + 1, p), t0 + nb) - t0;
     fm_piece r;
     r.n_hi = nb - w;
     r.n_lo = nb - end;
@@ -592,9 +612,19 @@ struct fm_consumer {
         return fm_wgmma_desc_sw128(sV + (unsigned)(st * FM_KV_BYTES), FM_BN * 128, 1024);
     }
     /* One arrival per warp (the empty barriers count 4 per consumer warpgroup), after the
-     * warp's own wgmma wait: a slot is free only when every warp has seen its reads finish. */
+     * warp's own wgmma wait: a slot is free only when every warp has seen its reads finish.
+     * With a cluster, the slot is written in every CTA of it by each CTA's producer (multicast),
+     * so every CTA's producer must see it released by every CTA's consumers: one arrival on each
+     * CTA's barrier. */
     __device__ __forceinline__ void release(unsigned bar) const {
+#if FM_CLUSTER > 1
+        if (lane == 0) {
+#pragma unroll
+            for (unsigned r = 0; r < FM_CLUSTER; r++) fm_mbar_arrive_cluster(fm_cluster_map(bar, r));
+        }
+#else
         if (lane == 0) fm_mbar_arrive(bar);
+#endif
     }
     __device__ __forceinline__ void advance() {
         if (++stage == FM_STAGES) {
@@ -704,6 +734,40 @@ static __device__ __forceinline__ void fm_skip_block(fm_consumer &c) {
     c.advance();
 }
 
+/* A consumer thread's release of the output staging area in the V ring (FM_O_SEPARATE 0): with a
+ * cluster every CTA's producer copies V into it (multicast), so each of them must see it. */
+static __device__ __forceinline__ void fm_release_o(unsigned bar) {
+#if FM_CLUSTER > 1
+#pragma unroll
+    for (unsigned r = 0; r < FM_CLUSTER; r++) fm_mbar_arrive_cluster(fm_cluster_map(bar, r));
+#else
+    fm_mbar_arrive(bar);
+#endif
+}
+
+/* The producer's copy of key block n (K or V) into a ring slot. Each 64-column chunk is one box
+ * of BLOCK_N rows, or with a cluster this CTA's share of them (rows rank * FM_KV_BOX onward),
+ * multicast to the same slot of every CTA of the cluster: each CTA's full barrier receives the
+ * whole block's bytes, and L2 is read once per cluster. A share starts on a multiple of 8 rows,
+ * i.e. of the 1024-byte swizzle atom. K and V are read again by the other tiles of their head
+ * (running on other SMs at about the same time): keep them in L2 first. */
+static __device__ __forceinline__ void fm_load_kv(unsigned dst, const fm_tma_desc *tm, unsigned bar,
+                                                  int n, int hk, int b) {
+#if FM_CLUSTER > 1
+    const int r0 = (int)fm_cluster_rank() * FM_KV_BOX;
+#pragma unroll
+    for (int c = 0; c < FM_DCHUNKS; c++)
+        fm_tma_load_4d_multicast(dst + (unsigned)(c * FM_BN * 128 + r0 * 128), tm, bar, 64 * c,
+                                 n * FM_BN + r0, hk, b, (unsigned short)((1u << FM_CLUSTER) - 1),
+                                 fm_l2_policy_evict_last());
+#else
+#pragma unroll
+    for (int c = 0; c < FM_DCHUNKS; c++)
+        fm_tma_load_4d_hint(dst + (unsigned)(c * FM_BN * 128), tm, bar, 64 * c, n * FM_BN, hk, b,
+                            fm_l2_policy_evict_last());
+#endif
+}
+
 /* The producer's copy of tile `q_iter`'s Q into slot q_iter % FM_Q_STAGES, once the consumers
  * have released that slot's previous use. */
 static __device__ __forceinline__ void fm_load_q(unsigned q_iter, const fm_tile &tile,
@@ -715,7 +779,8 @@ static __device__ __forceinline__ void fm_load_q(unsigned q_iter, const fm_tile 
 #pragma unroll
     for (int c = 0; c < FM_DCHUNKS; c++)
         fm_tma_load_4d_hint(sQ + slot * FM_Q_BYTES + c * FM_BM * 128, tmQ, bar_q_full + 8 * slot,
-                            64 * c, tile.mb * FM_BM, tile.h, tile.b, fm_l2_policy_evict_first());
+                            64 * c, tile.mb * FM_VBM + (int)(blockIdx.x % FM_CLUSTER) * FM_BM,
+                            tile.h, tile.b, fm_l2_policy_evict_first());
 }
 
 #if FM_SPLIT_TAIL
@@ -757,9 +822,11 @@ static __device__ __forceinline__ void fm_sk_merge(const fm_attn_kernel_params &
     const int tile_end = ((-v - 1) / p.sk_blocks + 1) * p.sk_blocks;
     const int ctas = fm_grid_ctas();
 #pragma unroll 1
-    for (int q = (int)blockIdx.x + 1; q < ctas && fm_sk_bound(q, p) < tile_end; q++) {
+    for (int q = fm_cta() + 1; q < ctas && fm_sk_bound(q, p) < tile_end; q++) {
+        /* the slot of CTA q's member with this CTA's rank (its rows) */
+        const int qs = q * FM_CLUSTER + (int)blockIdx.x % FM_CLUSTER;
         if (tid == 0) {
-            unsigned *flag = p.sk_flags + q * FM_CONSUMER_WGS + cw;
+            unsigned *flag = p.sk_flags + qs * FM_CONSUMER_WGS + cw;
             unsigned ready;
             for (;;) {
                 asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
@@ -771,7 +838,7 @@ static __device__ __forceinline__ void fm_sk_merge(const fm_attn_kernel_params &
             }
         }
         fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
-        const float4 *slot = fm_sk_slot(p, q, cw);
+        const float4 *slot = fm_sk_slot(p, qs, cw);
         const float4 ml = __ldcg(slot + (FM_D / 8) * 128 + tid);
         const float pm[2] = {ml.x, ml.y}, pl[2] = {ml.z, ml.w};
         float a[2], b[2];
@@ -830,32 +897,46 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
         fm_tma_prefetch_desc(&tmO);
 #endif
         /* Every consumer thread arrives: on q_empty after its last S product of a tile, on
-         * o_empty after its epilogue has read the output back out of the V ring. */
+         * o_empty after its epilogue has read the output back out of the V ring (of every CTA of
+         * the cluster: the V copies into this ring come from each of their producers). */
         for (int q = 0; q < FM_Q_STAGES; q++) {
             fm_mbar_init(bar_q_full + 8 * q, 1);
             fm_mbar_init(bar_q_empty + 8 * q, 128 * FM_CONSUMER_WGS);
         }
-        fm_mbar_init(bar_o_empty, 128 * FM_CONSUMER_WGS);
+        fm_mbar_init(bar_o_empty, 128 * FM_CONSUMER_WGS * FM_CLUSTER);
         for (int s = 0; s < FM_STAGES; s++) {
             fm_mbar_init(bar_k_full + 8 * s, 1);
             fm_mbar_init(bar_v_full + 8 * s, 1);
-            fm_mbar_init(bar_k_empty + 8 * s, 4 * FM_CONSUMER_WGS); /* one per consumer warp */
-            fm_mbar_init(bar_v_empty + 8 * s, 4 * FM_CONSUMER_WGS);
+            /* one per consumer warp of every CTA in the cluster */
+            fm_mbar_init(bar_k_empty + 8 * s, 4 * FM_CONSUMER_WGS * FM_CLUSTER);
+            fm_mbar_init(bar_v_empty + 8 * s, 4 * FM_CONSUMER_WGS * FM_CLUSTER);
         }
         fm_mbar_init_fence();
     }
+#if FM_CLUSTER > 1
+    /* the other CTAs' barriers are initialised before anyone arrives on them or copies into them */
+    fm_cluster_sync();
+#else
     __syncthreads();
+#endif
 
     if (wg == 0) {
         /* ================================ producer ================================ */
 #if FM_SPLIT
         fm_setmaxnreg_dec<FM_PRODUCER_REGS>();
 #endif
-        if (tid != 0) return;
+        if (tid != 0 && tid != 32) return;
         /* Q is read by one CTA once; each K/V block is read again by the other m-blocks of its
          * head (running on neighbouring SMs at about the same time): keep K/V in L2 first.
          * The policies are created where they are used (one instruction each): two 64-bit
          * values fewer live in the producer's 24 registers. */
+        /* Two copy threads, one per warp, walking the same tiles and ring slots: thread 0
+         * copies Q and K, thread 32 copies V. With intra-warpgroup overlap V of a block is
+         * released a step after its K (P V runs with the next block's S), so a single thread
+         * copying K and V in block order would hold each K copy until the previous block's V
+         * slot is free: half a step of lead left under ping-pong, less than an L2 round trip once
+         * two CTAs of a cluster drift apart. */
+        const bool copies_k = tid == 0;
         int stage = 0;
         unsigned phase = 0;
         unsigned q_iter = 0;
@@ -870,42 +951,37 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             /* Two Q slots: this tile's Q goes first, as soon as the previous tile's copies are
              * issued (STAGES blocks before its consumers need it); the slot was released by the
              * tile before the previous one. */
-            fm_load_q(q_iter, tile, &tmQ, sQ, bar_q_full, bar_q_empty);
+            if (copies_k) fm_load_q(q_iter, tile, &tmQ, sQ, bar_q_full, bar_q_empty);
 #endif
             for (int n = tile.n_end - 1; n >= tile.n_lo; n--) {
-                /* K first: S needs it before V is needed. */
-                fm_mbar_wait(bar_k_empty + 8 * stage, phase ^ 1);
-                fm_mbar_arrive_expect_tx(bar_k_full + 8 * stage, FM_KV_BYTES);
-#pragma unroll
-                for (int c = 0; c < FM_DCHUNKS; c++)
-                    fm_tma_load_4d_hint(sK + stage * FM_KV_BYTES + c * FM_BN * 128, &tmK,
-                                        bar_k_full + 8 * stage, 64 * c, n * FM_BN, hk, tile.b,
-                                        fm_l2_policy_evict_last());
-                if (n == tile.n_end - 1) {
-                    /* One Q slot: Q after the first K block (K streams while the previous tile
-                     * finishes its S products); without a separate O buffer the first V waits
-                     * until the previous tile's epilogue has read its output back out of the V
-                     * ring. */
+                if (copies_k) {
+                    fm_mbar_wait(bar_k_empty + 8 * stage, phase ^ 1);
+                    fm_mbar_arrive_expect_tx(bar_k_full + 8 * stage, FM_KV_BYTES);
+                    fm_load_kv(sK + stage * FM_KV_BYTES, &tmK, bar_k_full + 8 * stage, n, hk,
+                               tile.b);
 #if FM_Q_STAGES == 1
-                    fm_load_q(q_iter, tile, &tmQ, sQ, bar_q_full, bar_q_empty);
+                    /* One Q slot: Q after the first K block (K streams while the previous tile
+                     * finishes its S products). */
+                    if (n == tile.n_end - 1)
+                        fm_load_q(q_iter, tile, &tmQ, sQ, bar_q_full, bar_q_empty);
 #endif
+                } else {
 #if !FM_O_SEPARATE
-                    fm_mbar_wait(bar_o_empty, (q_iter & 1) ^ 1);
+                    /* Without a separate O buffer the first V waits until the previous tile's
+                     * epilogue has read its output back out of the V ring. */
+                    if (n == tile.n_end - 1) fm_mbar_wait(bar_o_empty, (q_iter & 1) ^ 1);
 #endif
-                    q_iter++;
+                    fm_mbar_wait(bar_v_empty + 8 * stage, phase ^ 1);
+                    fm_mbar_arrive_expect_tx(bar_v_full + 8 * stage, FM_KV_BYTES);
+                    fm_load_kv(sV + stage * FM_KV_BYTES, &tmV, bar_v_full + 8 * stage, n, hk,
+                               tile.b);
                 }
-                fm_mbar_wait(bar_v_empty + 8 * stage, phase ^ 1);
-                fm_mbar_arrive_expect_tx(bar_v_full + 8 * stage, FM_KV_BYTES);
-#pragma unroll
-                for (int c = 0; c < FM_DCHUNKS; c++)
-                    fm_tma_load_4d_hint(sV + stage * FM_KV_BYTES + c * FM_BN * 128, &tmV,
-                                        bar_v_full + 8 * stage, 64 * c, n * FM_BN, hk, tile.b,
-                                        fm_l2_policy_evict_last());
                 if (++stage == FM_STAGES) {
                     stage = 0;
                     phase ^= 1;
                 }
             }
+            q_iter++;
         }
     } else {
         /* ================================ consumers =============================== */
@@ -942,7 +1018,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             int bh, mb;
             if (!fm_iter_tile(tiles.v, p, bh, mb)) continue;
             const fm_tile tile = fm_iter_make(tiles.v, bh, mb, p);
-            const int first_row = tile.mb * FM_BM + cw * 64; /* first query row of this WG */
+            /* first query row of this WG (with a cluster, this CTA's rows of the cluster's tile) */
+            const int first_row = tile.mb * FM_VBM + (int)(blockIdx.x % FM_CLUSTER) * FM_BM + cw * 64;
 
             if (tile.n_end <= 0) {
                 /* No key visible to any row (causal, seqlen_k < seqlen_q): O = 0, lse = -inf. */
@@ -1041,7 +1118,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                     /* A writer: the partial result goes to this CTA's slot; no output. */
                     fm_sk_write(p, cw, tid, o, m, l);
 #if !FM_O_SEPARATE
-                    fm_mbar_arrive(bar_o_empty); /* the staging area was not touched */
+                    fm_release_o(bar_o_empty); /* the staging area was not touched */
 #endif
                     q_iter++;
                     continue;
@@ -1053,7 +1130,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             /* Where the rows go, derived again from the tile index rather than kept live through
              * the main loop (registers are scarcest there: 160 with three consumers). */
             fm_iter_tile(fm_opaque(tiles.v), p, bh, mb);
-            const int row_base = mb * FM_BM + cw * 64;
+            const int row_base = mb * FM_VBM + (int)(blockIdx.x % FM_CLUSTER) * FM_BM + cw * 64;
             const int row0 = row_base + row_in_wg0;
             const int eb = bh / p.heads, eh = bh - eb * p.heads;
             const long long o_base = (long long)eb * p.o_stride_b + (long long)eh * p.o_stride_h;
@@ -1140,13 +1217,17 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             /* The next tile's V copies (async proxy) overwrite the staging area: order our
              * generic accesses before them, then release it. */
             fm_fence_proxy_async();
-            fm_mbar_arrive(bar_o_empty);
+            fm_release_o(bar_o_empty);
 #endif
             q_iter++;
         }
 #if FM_TMA_STORE
         /* the shared memory must outlive the copy engine's last read of it */
         if (tid == 0) fm_tma_store_wait_read<0>();
+#endif
+#if FM_CLUSTER > 1
+        /* nor may it go while the other CTA's consumers still release slots here */
+        fm_cluster_sync();
 #endif
     }
 }

@@ -256,6 +256,20 @@ int main(void) {
     }
     printf("B: %d of %d configurations correct on Sq=300 Sk=333 GQA 2:1; split tail: %d of %d\n",
            passed, all.n, split_ok, nsplit);
+    /* Clusters of two CTAs sharing K/V copies: more cluster tiles (3 x 4 heads x 17 of 256
+     * rows) than clusters, the last one ragged for the first CTA and rows past Sq only for the
+     * second, which must still copy its half of every K/V block. */
+    int ncl = 0, cl_ok = 0;
+    for (int i = 0; i < all.n; i++) {
+        if (st[i] != FM_OK || fm_config_int(&all.v[i], "cluster", 1) == 1) continue;
+        attn_case c = case_of(&all.v[i], 3, 4097, 4097, 4, 2, 1);
+        char label[300];
+        snprintf(label, sizeof label, "%s b=3 sq=sk=4097 h=4 hkv=2", all.v[i].name);
+        ncl++;
+        if (attn_run_case(ctx, &all.v[i], &c, label) >= 0) cl_ok++;
+        else printf("  failed: %s\n", label);
+    }
+    printf("B: clusters: %d of %d configurations correct on b=3 Sq=Sk=4097\n", cl_ok, ncl);
     free(st);
 
     /* C: the runtime's choice, then each family's default, on the full list */

@@ -44,6 +44,30 @@ static __device__ __forceinline__ void fm_mbar_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
+/* ---- thread-block clusters ------------------------------------------------------------------
+ * A CTA's rank in its cluster, the address of the same shared-memory location in another CTA of
+ * the cluster, an arrival on a barrier there, and the cluster-wide barrier (every non-exited
+ * thread of the cluster; release/acquire order the shared-memory accesses around it). */
+static __device__ __forceinline__ unsigned fm_cluster_rank(void) {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+static __device__ __forceinline__ unsigned fm_cluster_map(unsigned addr, unsigned rank) {
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+/* Default (CTA-scope) release semantics: the arrival only has to follow this thread's own reads
+ * of its CTA's shared memory (waited for before it), and a cluster-scope release costs a fence
+ * that measured 2x the kernel time when it sat on every key block's critical path. */
+static __device__ __forceinline__ void fm_mbar_arrive_cluster(unsigned cluster_addr) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr) : "memory");
+}
+static __device__ __forceinline__ void fm_cluster_sync(void) {
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
 /* Arrives once and adds `bytes` to the transaction count the current phase waits for. */
 static __device__ __forceinline__ void fm_mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
@@ -148,6 +172,20 @@ static __device__ __forceinline__ void fm_tma_load_4d_hint(unsigned dst, const f
     asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
                  ".L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7;" ::"r"(dst),
                  "l"(d), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "l"(policy)
+                 : "memory");
+}
+
+/* The same box written to the same shared-memory offset of every CTA in cta_mask (bit i: rank
+ * i of the cluster), each CTA's barrier at `bar` receiving the bytes. */
+static __device__ __forceinline__ void fm_tma_load_4d_multicast(unsigned dst, const fm_tma_desc *d,
+                                                                unsigned bar, int c0, int c1,
+                                                                int c2, int c3,
+                                                                unsigned short cta_mask,
+                                                                unsigned long long policy) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 ".multicast::cluster.L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7, %8;"
+                 ::"r"(dst), "l"(d), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(cta_mask),
+                 "l"(policy)
                  : "memory");
 }
 

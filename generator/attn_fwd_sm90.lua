@@ -219,10 +219,13 @@ return {
     },
     {
       -- d64's 192-row tiles already read K/V for 1.5x the rows, and its speed is set by the
-      -- exponentials; the variants would double the d64 space for little.
-      reason = "cluster 2 only for a persistent, non-causal grid of one CTA per SM at head dim 128 or 256 (every CTA of a cluster walks the same key blocks)",
+      -- exponentials; the variants would double the d64 space for little. The one-consumer
+      -- 64-row tiles serve short query lengths, where there is little K/V to share (and d256
+      -- 64x64 with a second Q slot and the split tail spills at 255 registers with it).
+      reason = "cluster 2 only for a persistent, non-causal grid of one CTA per SM with two or more consumer warpgroups at head dim 128 or 256 (every CTA of a cluster walks the same key blocks)",
       check = function(c)
-        return c.cluster == 1 or (c.persistent == 1 and c.causal == 0 and c.ctas_per_sm == 1 and c.head_dim >= 128)
+        return c.cluster == 1 or (c.persistent == 1 and c.causal == 0 and c.ctas_per_sm == 1 and
+          c.consumer_wgs >= 2 and c.head_dim >= 128)
       end,
     },
     {

@@ -583,6 +583,23 @@ static __device__ __forceinline__ void fm_st_global_v4(void *p, const unsigned (
 }
 
 /* ---- consumer state and main-loop steps ------------------------------------------------- */
+/* An arrival on the barrier at `bar` in every CTA of the cluster (in this CTA alone without
+ * one): the buffers it guards are filled by every CTA's producer (multicast), so each of them
+ * must see them released. */
+static __device__ __forceinline__ void fm_arrive_all(unsigned bar) {
+#if FM_CLUSTER > 1
+#pragma unroll
+    for (unsigned r = 0; r < FM_CLUSTER; r++) fm_mbar_arrive_cluster(fm_cluster_map(bar, r));
+#else
+    fm_mbar_arrive(bar);
+#endif
+}
+
+/* First query row of this CTA's share of cluster tile mb (the tile itself without a cluster). */
+static __device__ __forceinline__ int fm_tile_row0(int mb) {
+    return mb * FM_VBM + (int)(blockIdx.x % FM_CLUSTER) * FM_BM;
+}
+
 /* What a consumer warpgroup carries through its loop besides the accumulators: addresses,
  * per-tile row limits and its position in the K/V ring (the producer walks the same sequence). */
 struct fm_consumer {
@@ -617,14 +634,7 @@ struct fm_consumer {
      * so every CTA's producer must see it released by every CTA's consumers: one arrival on each
      * CTA's barrier. */
     __device__ __forceinline__ void release(unsigned bar) const {
-#if FM_CLUSTER > 1
-        if (lane == 0) {
-#pragma unroll
-            for (unsigned r = 0; r < FM_CLUSTER; r++) fm_mbar_arrive_cluster(fm_cluster_map(bar, r));
-        }
-#else
-        if (lane == 0) fm_mbar_arrive(bar);
-#endif
+        if (lane == 0) fm_arrive_all(bar);
     }
     __device__ __forceinline__ void advance() {
         if (++stage == FM_STAGES) {
@@ -734,17 +744,6 @@ static __device__ __forceinline__ void fm_skip_block(fm_consumer &c) {
     c.advance();
 }
 
-/* A consumer thread's release of the output staging area in the V ring (FM_O_SEPARATE 0): with a
- * cluster every CTA's producer copies V into it (multicast), so each of them must see it. */
-static __device__ __forceinline__ void fm_release_o(unsigned bar) {
-#if FM_CLUSTER > 1
-#pragma unroll
-    for (unsigned r = 0; r < FM_CLUSTER; r++) fm_mbar_arrive_cluster(fm_cluster_map(bar, r));
-#else
-    fm_mbar_arrive(bar);
-#endif
-}
-
 /* The producer's copy of key block n (K or V) into a ring slot. Each 64-column chunk is one box
  * of BLOCK_N rows, or with a cluster this CTA's share of them (rows rank * FM_KV_BOX onward),
  * multicast to the same slot of every CTA of the cluster: each CTA's full barrier receives the
@@ -779,8 +778,8 @@ static __device__ __forceinline__ void fm_load_q(unsigned q_iter, const fm_tile 
 #pragma unroll
     for (int c = 0; c < FM_DCHUNKS; c++)
         fm_tma_load_4d_hint(sQ + slot * FM_Q_BYTES + c * FM_BM * 128, tmQ, bar_q_full + 8 * slot,
-                            64 * c, tile.mb * FM_VBM + (int)(blockIdx.x % FM_CLUSTER) * FM_BM,
-                            tile.h, tile.b, fm_l2_policy_evict_first());
+                            64 * c, fm_tile_row0(tile.mb), tile.h, tile.b,
+                            fm_l2_policy_evict_first());
 }
 
 #if FM_SPLIT_TAIL
@@ -1019,7 +1018,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             if (!fm_iter_tile(tiles.v, p, bh, mb)) continue;
             const fm_tile tile = fm_iter_make(tiles.v, bh, mb, p);
             /* first query row of this WG (with a cluster, this CTA's rows of the cluster's tile) */
-            const int first_row = tile.mb * FM_VBM + (int)(blockIdx.x % FM_CLUSTER) * FM_BM + cw * 64;
+            const int first_row = fm_tile_row0(tile.mb) + cw * 64;
 
             if (tile.n_end <= 0) {
                 /* No key visible to any row (causal, seqlen_k < seqlen_q): O = 0, lse = -inf. */
@@ -1118,7 +1117,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                     /* A writer: the partial result goes to this CTA's slot; no output. */
                     fm_sk_write(p, cw, tid, o, m, l);
 #if !FM_O_SEPARATE
-                    fm_release_o(bar_o_empty); /* the staging area was not touched */
+                    fm_arrive_all(bar_o_empty); /* the staging area was not touched */
 #endif
                     q_iter++;
                     continue;
@@ -1130,7 +1129,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             /* Where the rows go, derived again from the tile index rather than kept live through
              * the main loop (registers are scarcest there: 160 with three consumers). */
             fm_iter_tile(fm_opaque(tiles.v), p, bh, mb);
-            const int row_base = mb * FM_VBM + (int)(blockIdx.x % FM_CLUSTER) * FM_BM + cw * 64;
+            const int row_base = fm_tile_row0(mb) + cw * 64;
             const int row0 = row_base + row_in_wg0;
             const int eb = bh / p.heads, eh = bh - eb * p.heads;
             const long long o_base = (long long)eb * p.o_stride_b + (long long)eh * p.o_stride_h;
@@ -1217,7 +1216,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
             /* The next tile's V copies (async proxy) overwrite the staging area: order our
              * generic accesses before them, then release it. */
             fm_fence_proxy_async();
-            fm_release_o(bar_o_empty);
+            fm_arrive_all(bar_o_empty);
 #endif
             q_iter++;
         }

@@ -70,9 +70,26 @@ return {
     -- then the depth of the weight ring. A first version with 3 token stages lost 3% at T=1024
     -- on an H100 against one shared ring of 5 (bench/NOTES.md, MoE v5).
     { name = "x_stages", values = { 3, 4, 5 }, default = 3 },
+    -- pipe = ws, one CTA per tile: 2 pairs the CTAs of neighbouring M tiles in a cluster; where
+    -- both tiles belong to one expert each CTA copies half of every weight stage, multicast to
+    -- both (templates/common/moe_gemm_sm90_ws.cuh): a third less L2 -> shared memory traffic,
+    -- where ncu had the 128x256 GEMMs at 92% of L2 throughput (T = 16384). Measured on an H100
+    -- (bench/NOTES.md, seventh session): 128x256 s4 3-4% faster with it and the best at
+    -- T = 16384, but within 0.5% of the best unclustered variant; 128x128 10% slower.
+    { name = "ws_cluster", values = { 1, 2 }, default = 1 },
   },
 
   constraints = {
+    {
+      -- The pair must be two M tiles of one N column: the raster walks groups of group_m M
+      -- tiles per column, so an even group_m keeps every pair in one column (but the last,
+      -- partial group's). Two consumers only: it is aimed at the 128x256 tile of large T.
+      reason = "ws_cluster 2 is for pipe = ws, ws_grid = tiles, group_m 8 and block_m 128",
+      check = function(c)
+        return c.ws_cluster == 1 or (c.pipe == "ws" and c.ws_grid == "tiles" and c.group_m == 8 and
+          c.block_m == 128)
+      end,
+    },
     {
       -- sm_90a code (wgmma, "a" = architecture-specific) runs on compute capability 9.0 only.
       reason = "wgmma code is built for sm_90a and runs on compute capability 9.0 only",
@@ -177,6 +194,7 @@ return {
     return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s%s", c.dtype, c.block_m,
       c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "sync" and "" or "_" .. c.pipe)
       .. (c.x_stages ~= 3 and "_x" .. c.x_stages or "") .. (c.ws_grid == "tiles" and "_tiles" or "")
+      .. (c.ws_cluster == 1 and "" or "_cl" .. c.ws_cluster)
   end,
 
   defines = function(c)
@@ -187,6 +205,7 @@ return {
       FM_STAGES = c.stages,
       FM_MOE_WS = (c.pipe == "ws" and 1) or (c.pipe == "swap" and 2) or 0,
       FM_X_STAGES = c.pipe == "swap" and c.x_stages or nil,
+      FM_WS_CLUSTER = c.ws_cluster ~= 1 and c.ws_cluster or nil,
     }
   end,
 
@@ -208,7 +227,7 @@ return {
     local hit = math.min(e, t * k)
     local rows = t * k / hit
     local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent",
-      x_stages = 3 }
+      x_stages = 3, ws_cluster = 1 }
     -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
     -- tile won every bucket from T=1024 (32 rows per expert) up, launched one CTA per tile;
     -- three stages and group_m 8 were within 3% of each bucket's best (T = 1024, 4096, 16384);

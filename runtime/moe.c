@@ -321,10 +321,12 @@ fm_status fm_moe_choose(fm_context *ctx, const fm_moe_args *a, fm_config *cfg,
  * (64, 8, 2, bn/16, 1): groups of 8 gate rows and the 8 up rows of the same columns, which the
  * swapped accumulator layout pairs in one thread; the intermediate in boxes of 32 rows, issued as
  * many as a tile's real rows need.
+ * ws_cluster = 2: the weight boxes are half a stage, (64, bn/2, 1, 1) for both, so that each CTA
+ * of a pair can copy one half (gemm1: the gate or the up rows) for both.
  * gemm1's token rows are gathered by the kernel itself; its m1[0] is a copy of m1[1], never read. */
 static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inter,
-                         long long inter_rows, int bm, int bn, int swap, CUtensorMap m1[2],
-                         CUtensorMap m2[2]) {
+                         long long inter_rows, int bm, int bn, int swap, int cluster,
+                         CUtensorMap m1[2], CUtensorMap m2[2]) {
     const cuuint64_t H = (cuuint64_t)a->hidden, I = (cuuint64_t)a->intermediate;
     const cuuint64_t E = (cuuint64_t)a->experts;
     memset(m1, 0, 2 * sizeof *m1);
@@ -339,7 +341,7 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
     } else {
         const cuuint64_t dims[4] = {H, I, 2, E};
         const cuuint64_t st[3] = {H * 2, I * H * 2, 2 * I * H * 2};
-        const cuuint32_t box[4] = {64, (cuuint32_t)(bn / 2), 2, 1};
+        const cuuint32_t box[4] = {64, (cuuint32_t)(bn / 2), cluster > 1 ? 1u : 2u, 1};
         s = fm_tma_encode_4d(ctx, &m1[1], "moe: tensor map of w13", a->dtype, a->w13, dims, st,
                              box);
     }
@@ -348,7 +350,7 @@ static fm_status ws_maps(fm_context *ctx, const fm_moe_args *a, const void *inte
     {
         const cuuint64_t dims[4] = {I, H, E, 1};
         const cuuint64_t st[3] = {I * 2, H * I * 2, E * H * I * 2};
-        const cuuint32_t box[4] = {64, (cuuint32_t)bn, 1, 1};
+        const cuuint32_t box[4] = {64, (cuuint32_t)(cluster > 1 ? bn / 2 : bn), 1, 1};
         s = fm_tma_encode_4d(ctx, &m2[1], "moe: tensor map of w2", a->dtype, a->w2, dims, st, box);
         if (s != FM_OK) return s;
     }
@@ -421,11 +423,14 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const int ws_pipe = swap_pipe || (pipe && strcmp(pipe, "ws") == 0);
     const char *ws_grid = fm_config_str(cfg, "ws_grid");
     const int ws_tiles = ws_grid && strcmp(ws_grid, "tiles") == 0; /* one CTA per tile */
+    /* pairs of tiles in 2-CTA clusters sharing weight copies (moe_gemm_sm90_ws.cuh) */
+    const long long cluster = fm_config_int(cfg, "ws_cluster", 1);
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
         a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
         (ws_pipe && !swap_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
                                    (bn != 128 && bn != 256))) ||
-        (swap_pipe && (bm < 128 || bm % 64 || bk != 64 || split != 1 || (bn != 128 && bn != 192))))
+        (swap_pipe && (bm < 128 || bm % 64 || bk != 64 || split != 1 || (bn != 128 && bn != 192))) ||
+        (cluster != 1 && (cluster != 2 || !ws_pipe || swap_pipe || !ws_tiles || group_m % 2)))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -525,11 +530,15 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     CUtensorMap m1[2], m2[2];
     long long g1_grid = g1_ctas, g2_grid = g2_ctas;
     if (ws_pipe) {
-        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, swap_pipe, m1, m2)) != FM_OK)
+        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, swap_pipe, (int)cluster, m1, m2)) !=
+            FM_OK)
             return s;
         const long long sms = ctx->sm_count > 0 ? ctx->sm_count : 1;
         if (!ws_tiles && g1_grid > sms) g1_grid = sms;
         if (!ws_tiles && g2_grid > sms) g2_grid = sms;
+        /* whole clusters (a CTA past the real tiles only waits for its partner) */
+        g1_grid = (g1_grid + cluster - 1) / cluster * cluster;
+        g2_grid = (g2_grid + cluster - 1) / cluster * cluster;
     }
 
     if ((s = fm_context_enter(ctx)) != FM_OK) return s;
@@ -558,15 +567,30 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     if (ws_pipe) {
         void *argv1[] = {&m1[0], &m1[1], &g1};
         void *argv2[] = {&m2[0], &m2[1], &g2};
-        CUresult r = ctx->drv->cuLaunchKernel(gemm->fn, (unsigned)g1_grid, 1, 1,
-                                              (unsigned)gemm->threads, 1, 1,
-                                              (unsigned)gemm->smem_bytes, stream, argv1, NULL);
+        CUlaunchAttribute attr;
+        CUlaunchConfig lc;
+        memset(&attr, 0, sizeof attr);
+        memset(&lc, 0, sizeof lc);
+        lc.blockDimX = (unsigned)gemm->threads;
+        lc.blockDimY = lc.blockDimZ = 1;
+        lc.gridDimY = lc.gridDimZ = 1;
+        lc.sharedMemBytes = (unsigned)gemm->smem_bytes;
+        lc.hStream = stream;
+        if (cluster > 1) {
+            attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attr.value.clusterDim.x = (unsigned)cluster;
+            attr.value.clusterDim.y = attr.value.clusterDim.z = 1;
+            lc.attrs = &attr;
+            lc.numAttrs = 1;
+        }
+        lc.gridDimX = (unsigned)g1_grid;
+        CUresult r = ctx->drv->cuLaunchKernelEx(&lc, gemm->fn, argv1, NULL);
         if (r != CUDA_SUCCESS) {
             s = fm_cuda_error(ctx, ctx->drv, r, "moe: gemm1");
             goto out;
         }
-        r = ctx->drv->cuLaunchKernel(f_gemm2, (unsigned)g2_grid, 1, 1, (unsigned)gemm->threads, 1,
-                                     1, (unsigned)gemm->smem_bytes, stream, argv2, NULL);
+        lc.gridDimX = (unsigned)g2_grid;
+        r = ctx->drv->cuLaunchKernelEx(&lc, f_gemm2, argv2, NULL);
         if (r != CUDA_SUCCESS) {
             s = fm_cuda_error(ctx, ctx->drv, r, "moe: gemm2");
             goto out;

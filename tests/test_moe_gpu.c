@@ -408,51 +408,55 @@ typedef struct cfg_spec {
     const char *pipe; /* sm90 only: "sync", "ws" or "swap" */
     const char *ws_grid; /* sm90 ws only: "persistent" (NULL) or "tiles" */
     int x_stages;        /* sm90 swap only: token ring depth (0: the default, 3) */
+    int cluster;         /* sm90 ws tiles only: CTAs per cluster sharing weight copies (0: 1) */
 } cfg_spec;
 
 /* Every axis value at least once; each is a kept configuration of generator/moe_gemm_sm80.lua
  * or moe_gemm_sm90.lua on an H100 (smaller devices skip what does not fit). */
 static const cfg_spec specs[] = {
-    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot", NULL, NULL, 0},
-    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic", NULL, NULL, 0},
-    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic", NULL, NULL, 0},
-    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot", NULL, NULL, 0},
-    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic", NULL, NULL, 0},
-    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot", NULL, NULL, 0},
-    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic", NULL, NULL, 0},
-    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic", NULL, NULL, 0},
-    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot", NULL, NULL, 0},
-    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot", NULL, NULL, 0},
-    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot", "sync", NULL, 0},
-    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic", "sync", NULL, 0},
-    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic", "sync", NULL, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "sync", NULL, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "sync", NULL, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync", NULL, 0},
+    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot", NULL, NULL, 0, 0},
+    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot", NULL, NULL, 0, 0},
+    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot", "sync", NULL, 0, 0},
+    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic", "sync", NULL, 0, 0},
+    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic", "sync", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "sync", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "sync", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync", NULL, 0, 0},
 };
 
 /* The warp-specialised sm90 pipelines: ws with both block_n, two and three consumers (block_m
  * 128, 192), stages 3..6, both rasters and combines; swap likewise over its own tiles. */
 static const cfg_spec ws_specs[] = {
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws", NULL, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws", NULL, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws", NULL, 0},
-    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 8, 1, "slot", "ws", NULL, 0},
-    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0},
-    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles", 0},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws", NULL, 0, 0},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 8, 1, "slot", "ws", NULL, 0, 0},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 0},
+    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles", 0, 0},
+    /* pairs of tiles sharing weight copies (multicast) where they belong to one expert */
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 2},
+    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "atomic", "ws", "tiles", 0, 2},
     /* pipe = swap: token tiles 128..256, two and three consumers of 64 weight rows */
-    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 1, 1, "slot", "swap", NULL, 0},
-    {"moe_gemm_sm90", 192, 128, 64, 4, 0, 8, 1, "atomic", "swap", "tiles", 0},
-    {"moe_gemm_sm90", 256, 128, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 0},
-    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 8, 1, "atomic", "swap", NULL, 0},
-    {"moe_gemm_sm90", 192, 192, 64, 3, 0, 8, 1, "slot", "swap", NULL, 0},
-    {"moe_gemm_sm90", 128, 192, 64, 5, 0, 1, 1, "atomic", "swap", "tiles", 0},
-    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 8, 1, "slot", "swap", "tiles", 0},
-    {"moe_gemm_sm90", 192, 192, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 5},
-    {"moe_gemm_sm90", 128, 192, 64, 4, 0, 8, 1, "atomic", "swap", NULL, 4},
-    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 1, 1, "slot", "swap", "tiles", 5},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 1, 1, "slot", "swap", NULL, 0, 0},
+    {"moe_gemm_sm90", 192, 128, 64, 4, 0, 8, 1, "atomic", "swap", "tiles", 0, 0},
+    {"moe_gemm_sm90", 256, 128, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 0, 0},
+    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 8, 1, "atomic", "swap", NULL, 0, 0},
+    {"moe_gemm_sm90", 192, 192, 64, 3, 0, 8, 1, "slot", "swap", NULL, 0, 0},
+    {"moe_gemm_sm90", 128, 192, 64, 5, 0, 1, 1, "atomic", "swap", "tiles", 0, 0},
+    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 8, 1, "slot", "swap", "tiles", 0, 0},
+    {"moe_gemm_sm90", 192, 192, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 5, 0},
+    {"moe_gemm_sm90", 128, 192, 64, 4, 0, 8, 1, "atomic", "swap", NULL, 4, 0},
+    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 1, 1, "slot", "swap", "tiles", 5, 0},
 };
 
 static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_loaded **k) {
@@ -472,6 +476,7 @@ static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_
     if (sm90) fm_config_set_str(&c, "pipe", sp->pipe);
     if (sm90) fm_config_set_str(&c, "ws_grid", sp->ws_grid ? sp->ws_grid : "persistent");
     if (sm90) fm_config_set_int(&c, "x_stages", sp->x_stages ? sp->x_stages : 3);
+    if (sm90) fm_config_set_int(&c, "ws_cluster", sp->cluster ? sp->cluster : 1);
     fm_config_set_int(&c, "stages", sp->stages);
     if (!sm90) fm_config_set_int(&c, "warps", sp->warps);
     fm_config_set_int(&c, "group_m", sp->group_m);

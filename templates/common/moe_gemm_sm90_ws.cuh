@@ -48,6 +48,20 @@
  * producer has signalled every stage up to j - 1 - LAG >= j - STAGES + 1, which includes the
  * stage j - STAGES the consumers must finish first.
  *
+ * FM_WS_CLUSTER = 2 (one CTA per tile, group_m even): CTAs 2j and 2j+1 form a cluster and run
+ * tiles 2j and 2j+1, which the raster order makes neighbouring M tiles of one N column. When
+ * both exist and belong to the same expert (most pairs once an expert has several M tiles, as at
+ * T = 16384) they need the same weight tile: each CTA copies half of every weight stage (gemm1:
+ * the gate or the up rows; gemm2: the first or second BLOCK_N / 2 rows) with TMA multicast into
+ * both CTAs' stages, so L2 serves each weight byte once per pair instead of twice (the 128x256
+ * GEMMs move about 5.5 TB/s out of L2 at large T, where it tops out; bench/NOTES.md). Each
+ * stage's full barrier still expects the whole stage, half of it from the peer; a stage is
+ * refilled only once the consumers of both CTAs released it (each consumer warp arrives on
+ * both CTAs' empty barriers). A pair that does not share (different experts or columns, or a
+ * partner past the real tiles) loads both halves itself and arrives twice on its own barrier,
+ * so the barrier counts are the same in both modes; both CTAs of a cluster decide the mode from
+ * the same two tile indices.
+ *
  * Persistent order: tile t (of num_tiles * n_tiles, num_tiles read from the device) is
  * rasterised in groups of group_m M-tiles walking the N tiles together, M fastest. The ~132
  * CTAs in flight then cover a band of consecutive M-tiles (one or two per expert at T = 4096)
@@ -88,6 +102,13 @@
 #error "register split exceeds the 64K registers of an SM"
 #endif
 
+#ifndef FM_WS_CLUSTER
+#define FM_WS_CLUSTER 1
+#endif
+#if FM_WS_CLUSTER != 1 && FM_WS_CLUSTER != 2
+#error "FM_WS_CLUSTER is 1 or 2"
+#endif
+
 namespace fm_moe_ws {
 
 /* Volatile: the point is that the value is not kept in a register across the k loop. */
@@ -124,12 +145,41 @@ static_assert(kBarOffset + 16 * kStages <= kStages * kStageBytes + 1024, "barrie
  * behind the barriers: 128 * 12 * 4 = 6 KB (generator/moe_gemm_sm90.lua counts it). */
 constexpr bool kTokInSmem = kConsumers == 3;
 constexpr int kTokOffset = kStages * kStageBytes + 1024;
+constexpr int kCluster = FM_WS_CLUSTER;
+
+/* Does this CTA's tile share its weight tile with the other CTA of its cluster (see the
+ * header)? Both CTAs compute the same answer. */
+static __device__ __forceinline__ bool pair_shares(const fm_moe_gemm_params &p, int m_tiles,
+                                                   int total) {
+    if (kCluster == 1) return false;
+    const int t0 = (int)blockIdx.x & ~1, t1 = t0 + 1;
+    if (t1 >= total) return false;
+    int m0, n0, m1, n1;
+    fm_moe::raster_tiles(t0, m_tiles, p.n_tiles, p.group_m, m0, n0);
+    fm_moe::raster_tiles(t1, m_tiles, p.n_tiles, p.group_m, m1, n1);
+    return n0 == n1 && p.tile_expert[m0] == p.tile_expert[m1];
+}
+
+/* A consumer warp's release of stage barrier `bar` (lane 0): on both CTAs' barriers when the
+ * pair shares its weight stages, else twice on its own (the counts are set for two). */
+static __device__ __forceinline__ void release(unsigned bar, bool shared) {
+    if (kCluster == 1) {
+        fm_mbar_arrive(bar);
+    } else if (shared) {
+        fm_mbar_arrive_cluster(fm_cluster_map(bar, 0));
+        fm_mbar_arrive_cluster(fm_cluster_map(bar, 1));
+    } else {
+        fm_mbar_arrive(bar);
+        fm_mbar_arrive(bar);
+    }
+}
 
 template <bool GATHER>
 static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const fm_tma_desc *tma_b,
                                                 const fm_moe_gemm_params &p, unsigned s_base,
-                                                int m_tiles, int total) {
+                                                int m_tiles, int total, bool shared) {
     const int tid = threadIdx.x; /* 0..127 */
+    const int rank = kCluster == 1 ? 0 : (int)(blockIdx.x & 1);
     if (!GATHER && tid != 0) return;
     const unsigned bar_full = s_base + kBarOffset, bar_empty = bar_full + 8 * kStages;
     const int k_tiles = p.k / kBK;
@@ -164,14 +214,31 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
             fm_mbar_wait(bar_empty + 8 * s, ph ^ 1u);
             if (tid == 0) {
                 fm_mbar_arrive_expect_tx(bar_full + 8 * s, kTmaBytes);
-                if (GATHER) /* w13 (H, I, 2, E): gate and up rows of columns n0.. */
-                    fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * (kBN / 2), 0,
-                                   expert);
-                else { /* w2 (I, H, E, 1); intermediate (I, rows, 1, 1) */
-                    fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * kBN, expert,
-                                   0);
-                    fm_tma_load_4d(sA, tma_a, bar_full + 8 * s, kt * kBK, m0, 0, 0);
+                if (kCluster == 1) {
+                    if (GATHER) /* w13 (H, I, 2, E): gate and up rows of columns n0.. */
+                        fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * (kBN / 2),
+                                       0, expert);
+                    else /* w2 (I, H, E, 1) */
+                        fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * kBN,
+                                       expert, 0);
+                } else {
+                    /* Boxes of half a weight stage (BLOCK_N / 2 rows, 1024-byte aligned: the
+                     * swizzle pattern is the full box's): gemm1's half h is the gate (h = 0) or
+                     * up (h = 1) rows of the tile's columns, gemm2's the h-th half of its rows. */
+                    for (int h = 0; h < 2; ++h) {
+                        if (shared && h != rank) continue; /* the peer copies that half */
+                        const unsigned dst = sB + (unsigned)(h * (kBBytes / 2));
+                        const int c1 = GATHER ? n_tile * (kBN / 2) : n_tile * kBN + h * (kBN / 2);
+                        const int c2 = GATHER ? h : expert, c3 = GATHER ? expert : 0;
+                        if (shared)
+                            fm_tma_load_4d_mc(dst, tma_b, bar_full + 8 * s, kt * kBK, c1, c2, c3,
+                                              (unsigned short)3);
+                        else
+                            fm_tma_load_4d(dst, tma_b, bar_full + 8 * s, kt * kBK, c1, c2, c3);
+                    }
                 }
+                if (!GATHER) /* intermediate (I, rows, 1, 1) */
+                    fm_tma_load_4d(sA, tma_a, bar_full + 8 * s, kt * kBK, m0, 0, 0);
             }
             if (GATHER) {
                 const fm_elem_t *col = A + kt * kBK + ccol * 8;
@@ -203,7 +270,7 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
 
 template <bool GATED>
 static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
-                                                int m_tiles, int total) {
+                                                int m_tiles, int total, bool shared) {
     const int cw = threadIdx.x / 128 - 1; /* rows 64cw..64cw+63 of each tile, 0..kConsumers-1 */
     const int wtid = threadIdx.x % 128;
     const int warp = wtid / 32, lane = wtid % 32;
@@ -234,7 +301,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
                 const int s = it % kStages;
                 fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
                 __syncwarp();
-                if (lane == 0) fm_mbar_arrive(bar_empty + 8 * s);
+                if (lane == 0) release(bar_empty + 8 * s, shared);
             }
             continue;
         }
@@ -267,12 +334,12 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
             fm_wgmma_commit();
             /* The previous k-tile's group is done in this warp: its stage may be refilled. */
             fm_wgmma_wait<1>();
-            if (kt > 0 && lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
+            if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
             prev_s = s;
         }
         fm_wgmma_wait<0>();
         fm_fence_regs(acc);
-        if (lane == 0) fm_mbar_arrive(bar_empty + 8 * prev_s);
+        if (lane == 0) release(bar_empty + 8 * prev_s, shared);
 
         /* ---- epilogue from registers (fm_moe_wgmma_epilogue, moe_gemm_sm90.cu) ---- */
         const int n_out0 = n_tile * (GATED ? kBN / 2 : kBN);
@@ -292,18 +359,30 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
         for (int s = 0; s < kStages; ++s) {
             /* gemm1: 128 cp.async arrivals + thread 0's expect_tx; gemm2: the expect_tx. */
             fm_mbar_init(bar_full + 8 * s, GATED ? 129 : 1);
-            fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers); /* one per consumer warp */
+            /* one per consumer warp (of each CTA of a cluster; see release()) */
+            fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers * kCluster);
         }
         fm_mbar_init_fence();
     }
-    __syncthreads();
-
     /* Real M tiles (written by the alignment kernel earlier on the stream). */
     const int m_tiles = min(*p.num_tiles, p.m_tiles);
     const int total = m_tiles * p.n_tiles;
-    fm_moe::split_roles<FM_PRODUCER_REGS, FM_CONSUMER_REGS>(
-        [&] { producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total); },
-        [&] { consumer<GATED>(p, s_base, m_tiles, total); });
+    if (kCluster == 1) {
+        __syncthreads();
+        fm_moe::split_roles<FM_PRODUCER_REGS, FM_CONSUMER_REGS>(
+            [&] { producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total, false); },
+            [&] { consumer<GATED>(p, s_base, m_tiles, total, false); });
+    } else {
+        /* The peer's barriers are initialised before anyone copies into or arrives on them. */
+        fm_cluster_sync();
+        const bool shared = pair_shares(p, m_tiles, total);
+        fm_moe::split_roles<FM_PRODUCER_REGS, FM_CONSUMER_REGS>(
+            [&] { producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total, shared); },
+            [&] { consumer<GATED>(p, s_base, m_tiles, total, shared); });
+        /* Neither CTA's shared memory may go while the other still copies into it or arrives
+         * on its barriers (threads that returned early count as arrived). */
+        if (shared) fm_cluster_sync();
+    }
 }
 
 } // namespace fm_moe_ws

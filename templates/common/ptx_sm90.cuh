@@ -177,6 +177,16 @@ static __device__ __forceinline__ void fm_tma_load_4d_hint(unsigned dst, const f
 
 /* The same box written to the same shared-memory offset of every CTA in cta_mask (bit i: rank
  * i of the cluster), each CTA's barrier at `bar` receiving the bytes. */
+/* The same copy delivered to every CTA of the cluster in cta_mask, at the same shared-memory
+ * offset, each completing bytes on its own barrier at bar's offset (no cache hint). */
+static __device__ __forceinline__ void fm_tma_load_4d_mc(unsigned dst, const fm_tma_desc *d,
+                                                         unsigned bar, int c0, int c1, int c2,
+                                                         int c3, unsigned short cta_mask) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 ".multicast::cluster [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
+                 ::"r"(dst), "l"(d), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(cta_mask)
+                 : "memory");
+}
 static __device__ __forceinline__ void fm_tma_load_4d_multicast(unsigned dst, const fm_tma_desc *d,
                                                                 unsigned bar, int c0, int c1,
                                                                 int c2, int c3,

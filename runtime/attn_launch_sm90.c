@@ -103,19 +103,9 @@ fm_status fm_attn_launch_sm90(fm_context *ctx, const fm_loaded *k, fm_attn_kerne
 
     CUlaunchAttribute attr;
     CUlaunchConfig lc;
-    memset(&attr, 0, sizeof attr);
-    memset(&lc, 0, sizeof lc);
-    lc.blockDimX = (unsigned)k->threads;
-    lc.blockDimY = lc.blockDimZ = 1;
-    lc.gridDimY = lc.gridDimZ = 1;
-    lc.sharedMemBytes = (unsigned)k->smem_bytes;
-    lc.hStream = stream;
+    fm_launch_config(&lc, &attr, (unsigned)k->threads, (unsigned)k->smem_bytes, (unsigned)cluster,
+                     stream);
     if (cluster > 1) {
-        attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attr.value.clusterDim.x = (unsigned)cluster;
-        attr.value.clusterDim.y = attr.value.clusterDim.z = 1;
-        lc.attrs = &attr;
-        lc.numAttrs = 1;
         /* The schedule counts clusters, all resident at once (the split tail's owners wait on
          * other CTAs): as many as the GPCs hold, which may be fewer than SMs / cluster. */
         if (k->max_clusters == 0) {

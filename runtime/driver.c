@@ -74,3 +74,21 @@ const char *fm_driver_error_text(CUresult r, char *buf, size_t len) {
     snprintf(buf, len, "%s: %s", name ? name : "CUDA error", text ? text : "(no description)");
     return buf;
 }
+
+void fm_launch_config(CUlaunchConfig *lc, CUlaunchAttribute *attr, unsigned threads, unsigned smem,
+                      unsigned cluster, CUstream stream) {
+    memset(attr, 0, sizeof *attr);
+    memset(lc, 0, sizeof *lc);
+    lc->blockDimX = threads;
+    lc->blockDimY = lc->blockDimZ = 1;
+    lc->gridDimY = lc->gridDimZ = 1;
+    lc->sharedMemBytes = smem;
+    lc->hStream = stream;
+    if (cluster > 1) {
+        attr->id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr->value.clusterDim.x = cluster;
+        attr->value.clusterDim.y = attr->value.clusterDim.z = 1;
+        lc->attrs = attr;
+        lc->numAttrs = 1;
+    }
+}

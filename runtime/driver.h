@@ -73,4 +73,10 @@ const fm_driver *fm_driver_get(char *why, size_t why_len);
 /* "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered" */
 const char *fm_driver_error_text(CUresult r, char *buf, size_t len);
 
+/* A cuLaunchKernelEx configuration of 1-D blocks of `threads` with `smem` bytes of dynamic
+ * shared memory on `stream`, in clusters of `cluster` CTAs when cluster > 1 (then *attr holds
+ * the cluster dimension, and must outlive the launch). The grid is the caller's (gridDimX). */
+void fm_launch_config(CUlaunchConfig *lc, CUlaunchAttribute *attr, unsigned threads, unsigned smem,
+                      unsigned cluster, CUstream stream);
+
 #endif

@@ -569,20 +569,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
         void *argv2[] = {&m2[0], &m2[1], &g2};
         CUlaunchAttribute attr;
         CUlaunchConfig lc;
-        memset(&attr, 0, sizeof attr);
-        memset(&lc, 0, sizeof lc);
-        lc.blockDimX = (unsigned)gemm->threads;
-        lc.blockDimY = lc.blockDimZ = 1;
-        lc.gridDimY = lc.gridDimZ = 1;
-        lc.sharedMemBytes = (unsigned)gemm->smem_bytes;
-        lc.hStream = stream;
-        if (cluster > 1) {
-            attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attr.value.clusterDim.x = (unsigned)cluster;
-            attr.value.clusterDim.y = attr.value.clusterDim.z = 1;
-            lc.attrs = &attr;
-            lc.numAttrs = 1;
-        }
+        fm_launch_config(&lc, &attr, (unsigned)gemm->threads, (unsigned)gemm->smem_bytes,
+                         (unsigned)cluster, stream);
         lc.gridDimX = (unsigned)g1_grid;
         CUresult r = ctx->drv->cuLaunchKernelEx(&lc, gemm->fn, argv1, NULL);
         if (r != CUDA_SUCCESS) {

@@ -57,7 +57,10 @@ return {
     { name = "block_m", values = { 64, 128, 192, 256 } },
     { name = "block_n", values = { 64, 128, 192, 256 } },
     { name = "stages", values = { 3, 4, 5, 6 } },
-    { name = "group_m", values = { 1, 8 } },
+    -- M tiles per raster group (launch-only); 0, pipe ws and swap only: one group per expert (its
+    -- M tiles walk its N tiles together, so each weight tile is read by all of them at once;
+    -- see fm_moe::tile_coords). Named "ge".
+    { name = "group_m", values = { 1, 8, 0 } },
     { name = "split_k", values = { 1, 2, 4 } },
     { name = "combine", values = { "slot", "atomic" } },
     -- pipe = ws only (launch-only): "persistent", one CTA per SM walking the tiles; or "tiles",
@@ -84,11 +87,15 @@ return {
       -- The pair must be two M tiles of one N column: the raster walks groups of group_m M
       -- tiles per column, so an even group_m keeps every pair in one column (but the last,
       -- partial group's). Two consumers only: it is aimed at the 128x256 tile of large T.
-      reason = "ws_cluster 2 is for pipe = ws, ws_grid = tiles, group_m 8 and block_m 128",
+      reason = "ws_cluster 2 is for pipe = ws, ws_grid = tiles, group_m 8 or per expert and block_m 128",
       check = function(c)
-        return c.ws_cluster == 1 or (c.pipe == "ws" and c.ws_grid == "tiles" and c.group_m == 8 and
-          c.block_m == 128)
+        return c.ws_cluster == 1 or (c.pipe == "ws" and c.ws_grid == "tiles" and
+          (c.group_m == 8 or c.group_m == 0) and c.block_m == 128)
       end,
+    },
+    {
+      reason = "group_m 0 (one raster group per expert) is for pipe = ws and swap",
+      check = function(c) return c.group_m ~= 0 or c.pipe ~= "sync" end,
     },
     {
       -- sm_90a code (wgmma, "a" = architecture-specific) runs on compute capability 9.0 only.
@@ -191,8 +198,8 @@ return {
 
   -- pipe = sync keeps the names it had before the axis existed (tuning databases refer to them).
   name_of = function(c)
-    return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%d_sk%d_%s%s", c.dtype, c.block_m,
-      c.block_n, c.stages, c.group_m, c.split_k, c.combine, c.pipe == "sync" and "" or "_" .. c.pipe)
+    return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%s_sk%d_%s%s", c.dtype, c.block_m,
+      c.block_n, c.stages, c.group_m == 0 and "e" or tostring(c.group_m), c.split_k, c.combine, c.pipe == "sync" and "" or "_" .. c.pipe)
       .. (c.x_stages ~= 3 and "_x" .. c.x_stages or "") .. (c.ws_grid == "tiles" and "_tiles" or "")
       .. (c.ws_cluster == 1 and "" or "_cl" .. c.ws_cluster)
   end,

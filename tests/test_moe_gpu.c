@@ -446,6 +446,10 @@ static const cfg_spec ws_specs[] = {
     /* pairs of tiles sharing weight copies (multicast) where they belong to one expert */
     {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 2},
     {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "atomic", "ws", "tiles", 0, 2},
+    /* group_m 0: one raster group per expert */
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "tiles", 0, 2},
+    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 0, 1, "atomic", "ws", NULL, 0, 0},
+    {"moe_gemm_sm90", 192, 192, 64, 4, 0, 0, 1, "slot", "swap", "tiles", 5, 0},
     /* pipe = swap: token tiles 128..256, two and three consumers of 64 weight rows */
     {"moe_gemm_sm90", 128, 128, 64, 3, 0, 1, 1, "slot", "swap", NULL, 0, 0},
     {"moe_gemm_sm90", 192, 128, 64, 4, 0, 8, 1, "atomic", "swap", "tiles", 0, 0},

@@ -136,6 +136,28 @@ static __device__ __forceinline__ void raster_tiles(int t, int m_tiles, int n_ti
     n_tile = local / rows;
 }
 
+/* Tile t of the warp-specialised GEMMs: with group_m >= 1 raster_tiles; with group_m = 0 one
+ * group per expert, whose M tiles walk its N tiles together (t in [first * n_tiles,
+ * (first + rows) * n_tiles) for the expert whose M tiles are first..first + rows - 1, so the
+ * expert is that of M tile t / n_tiles). A fixed group of group_m M tiles cuts through experts:
+ * an expert on a group edge has its weights read by each group, a whole group's run apart, and
+ * one expert's weights (DeepSeek-V3: 59 MB in gemm1, 29 MB in gemm2) do not stay in a 50 MB L2
+ * that long (ncu, H100, T = 16384: gemm1 read about twice its weight bytes from DRAM). */
+static __device__ __forceinline__ void tile_coords(int t, int m_tiles, int bm,
+                                                   const fm_moe_gemm_params &p, int &m_tile,
+                                                   int &n_tile) {
+    if (p.group_m != 0) {
+        raster_tiles(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
+        return;
+    }
+    const int e = p.tile_expert[t / p.n_tiles];
+    const int first = p.expert_offsets[e] / bm;
+    const int rows = p.expert_offsets[e + 1] / bm - first;
+    const int local = t - first * p.n_tiles;
+    m_tile = first + local % rows;
+    n_tile = local / rows;
+}
+
 /* The role split of the warp-specialised pipelines: warpgroup 0 gives registers away and runs
  * producer(), the others take them and run consumer(). The warpgroup index is broadcast from
  * lane 0 so that the compiler sees it warp-uniform: ptxas then compiles each role under its own

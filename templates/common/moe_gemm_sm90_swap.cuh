@@ -138,7 +138,7 @@ struct tile {
 };
 static __device__ __forceinline__ tile tile_at(const fm_moe_gemm_params &p, int t, int m_tiles) {
     tile x;
-    fm_moe::raster_tiles(t, m_tiles, p.n_tiles, p.group_m, x.m_tile, x.n_tile);
+    fm_moe::tile_coords(t, m_tiles, kTN, p, x.m_tile, x.n_tile);
     x.expert = p.tile_expert[x.m_tile];
     x.m0 = x.m_tile * kTN;
     x.rows = min(kTN, p.expert_counts[x.expert] - (x.m0 - p.expert_offsets[x.expert]));

@@ -74,15 +74,22 @@
 #error "the warp-specialised MoE GEMM takes BLOCK_M = 128 or 192 (two or three consumer warpgroups of 64 rows)"
 #endif
 #define FM_WS_CONSUMERS (FM_BLOCK_M / 64)
+#ifndef FM_WS_CLUSTER
+#define FM_WS_CLUSTER 1
+#endif
 #ifndef FM_PRODUCER_REGS
-#if FM_WS_CONSUMERS == 2
+#if FM_WS_CONSUMERS == 2 && FM_WS_CLUSTER > 1
+#define FM_PRODUCER_REGS 72 /* the pair's mode and tile besides: 56 spilled 24 bytes */
+#elif FM_WS_CONSUMERS == 2
 #define FM_PRODUCER_REGS 56 /* 40 spilled 56 bytes in gemm1's gather loop (ncu: 130M local requests) */
 #else
 #define FM_PRODUCER_REGS 32
 #endif
 #endif
 #ifndef FM_CONSUMER_REGS
-#if FM_WS_CONSUMERS == 2
+#if FM_WS_CONSUMERS == 2 && FM_WS_CLUSTER > 1
+#define FM_CONSUMER_REGS 216 /* 128 * (72 + 2 * 216) = 64512 */
+#elif FM_WS_CONSUMERS == 2
 #define FM_CONSUMER_REGS 224 /* 128 * (56 + 2 * 224) = 64512 <= 65536 */
 #else
 #define FM_CONSUMER_REGS 160 /* 128 * (32 + 3 * 160) = 65536: 128 accumulators + addressing */
@@ -98,13 +105,14 @@
     FM_CONSUMER_REGS % 8 != 0
 #error "setmaxnreg counts must be multiples of 8 in 24..256"
 #endif
-#if 128 * (FM_PRODUCER_REGS + FM_WS_CONSUMERS * FM_CONSUMER_REGS) > 65536
-#error "register split exceeds the 64K registers of an SM"
+/* setmaxnreg moves registers within what the CTA was launched with: 384 threads start with
+ * 168 each (64512), 512 threads with 128 (65536). A split asking for more blocks the consumers'
+ * setmaxnreg.inc for ever (a 64 + 2 x 224 split hung). */
+#define FM_WS_LAUNCH_REGS (128 * (1 + FM_WS_CONSUMERS) * ((65536 / (128 * (1 + FM_WS_CONSUMERS))) & ~7))
+#if 128 * (FM_PRODUCER_REGS + FM_WS_CONSUMERS * FM_CONSUMER_REGS) > FM_WS_LAUNCH_REGS
+#error "register split exceeds the registers the CTA is launched with"
 #endif
 
-#ifndef FM_WS_CLUSTER
-#define FM_WS_CLUSTER 1
-#endif
 #if FM_WS_CLUSTER != 1 && FM_WS_CLUSTER != 2
 #error "FM_WS_CLUSTER is 1 or 2"
 #endif
@@ -148,16 +156,29 @@ constexpr int kTokOffset = kStages * kStageBytes + 1024;
 constexpr int kCluster = FM_WS_CLUSTER;
 
 /* Does this CTA's tile share its weight tile with the other CTA of its cluster (see the
- * header)? Both CTAs compute the same answer. */
+ * header)? Both CTAs compute the same answer. Also gives this CTA's own tile (with clusters
+ * every CTA has one tile at most), so that the roles need not compute it again: with the
+ * per-expert raster the gathering producer (56 registers) spilled doing so. */
 static __device__ __forceinline__ bool pair_shares(const fm_moe_gemm_params &p, int m_tiles,
-                                                   int total) {
-    if (kCluster == 1) return false;
+                                                   int total, int &m_own, int &n_own) {
     const int t0 = (int)blockIdx.x & ~1, t1 = t0 + 1;
-    if (t1 >= total) return false;
-    int m0, n0, m1, n1;
-    fm_moe::raster_tiles(t0, m_tiles, p.n_tiles, p.group_m, m0, n0);
-    fm_moe::raster_tiles(t1, m_tiles, p.n_tiles, p.group_m, m1, n1);
-    return n0 == n1 && p.tile_expert[m0] == p.tile_expert[m1];
+    int m0 = 0, n0 = 0, m1 = 0, n1 = 0;
+    if (t0 < total) fm_moe::tile_coords(t0, m_tiles, kBM, p, m0, n0);
+    if (t1 < total) fm_moe::tile_coords(t1, m_tiles, kBM, p, m1, n1);
+    m_own = (blockIdx.x & 1) ? m1 : m0;
+    n_own = (blockIdx.x & 1) ? n1 : n0;
+    return t1 < total && n0 == n1 && p.tile_expert[m0] == p.tile_expert[m1];
+}
+
+/* Tile t's M and N tile; with clusters the one pair_shares gave (t is this CTA's only tile). */
+static __device__ __forceinline__ void coords(const fm_moe_gemm_params &p, int t, int m_tiles,
+                                              int m_own, int n_own, int &m_tile, int &n_tile) {
+    if (kCluster > 1) {
+        m_tile = m_own;
+        n_tile = n_own;
+    } else {
+        fm_moe::tile_coords(t, m_tiles, kBM, p, m_tile, n_tile);
+    }
 }
 
 /* A consumer warp's release of stage barrier `bar` (lane 0): on both CTAs' barriers when the
@@ -177,7 +198,8 @@ static __device__ __forceinline__ void release(unsigned bar, bool shared) {
 template <bool GATHER>
 static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const fm_tma_desc *tma_b,
                                                 const fm_moe_gemm_params &p, unsigned s_base,
-                                                int m_tiles, int total, bool shared) {
+                                                int m_tiles, int total, bool shared, int m_own,
+                                                int n_own) {
     const int tid = threadIdx.x; /* 0..127 */
     const int rank = kCluster == 1 ? 0 : (int)(blockIdx.x & 1);
     if (!GATHER && tid != 0) return;
@@ -191,7 +213,7 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
     int signaled = 0; /* GATHER: k-tiles whose full barrier this thread has arrived on */
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
         int m_tile, n_tile;
-        fm_moe::raster_tiles(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
+        coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
         const int expert = p.tile_expert[m_tile];
         const int m0 = m_tile * kBM;
 
@@ -270,7 +292,8 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
 
 template <bool GATED>
 static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
-                                                int m_tiles, int total, bool shared) {
+                                                int m_tiles, int total, bool shared, int m_own,
+                                                int n_own) {
     const int cw = threadIdx.x / 128 - 1; /* rows 64cw..64cw+63 of each tile, 0..kConsumers-1 */
     const int wtid = threadIdx.x % 128;
     const int warp = wtid / 32, lane = wtid % 32;
@@ -289,7 +312,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
     int it = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
         int m_tile, n_tile;
-        fm_moe::raster_tiles(t, m_tiles, p.n_tiles, p.group_m, m_tile, n_tile);
+        coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
         const int m0 = m_tile * kBM;
         const int row0 = m0 + cw * 64;
         /* Padding rows close each expert's range: a warpgroup whose first row is padding has
@@ -370,15 +393,18 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
     if (kCluster == 1) {
         __syncthreads();
         fm_moe::split_roles<FM_PRODUCER_REGS, FM_CONSUMER_REGS>(
-            [&] { producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total, false); },
-            [&] { consumer<GATED>(p, s_base, m_tiles, total, false); });
+            [&] { producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total, false, 0, 0); },
+            [&] { consumer<GATED>(p, s_base, m_tiles, total, false, 0, 0); });
     } else {
         /* The peer's barriers are initialised before anyone copies into or arrives on them. */
         fm_cluster_sync();
-        const bool shared = pair_shares(p, m_tiles, total);
+        int m_own, n_own;
+        const bool shared = pair_shares(p, m_tiles, total, m_own, n_own);
         fm_moe::split_roles<FM_PRODUCER_REGS, FM_CONSUMER_REGS>(
-            [&] { producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total, shared); },
-            [&] { consumer<GATED>(p, s_base, m_tiles, total, shared); });
+            [&] {
+                producer<GATED>(tma_a, tma_b, p, s_base, m_tiles, total, shared, m_own, n_own);
+            },
+            [&] { consumer<GATED>(p, s_base, m_tiles, total, shared, m_own, n_own); });
         /* Neither CTA's shared memory may go while the other still copies into it or arrives
          * on its barriers (threads that returned early count as arrived). */
         if (shared) fm_cluster_sync();

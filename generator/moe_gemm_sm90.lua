@@ -68,7 +68,9 @@ return {
     -- weight bytes from DRAM (L2 hit rate 42-45%): the CTAs that share a weight tile (the M
     -- tiles of one expert) drift apart over their rounds, while CTAs launched per tile start in
     -- raster order, side by side, every time.
-    { name = "ws_grid", values = { "persistent", "tiles" }, default = "persistent" },
+    -- "dynamic" (pipe = ws): a persistent grid taking tiles in raster order from a counter, so
+    -- that the tiles in flight stay neighbours (templates/common/moe_gemm_sm90_ws.cuh).
+    { name = "ws_grid", values = { "persistent", "tiles", "dynamic" }, default = "persistent" },
     -- pipe = swap only: depth of the token ring (gathered from L2, lag x_stages - 2); stages is
     -- then the depth of the weight ring. A first version with 3 token stages lost 3% at T=1024
     -- on an H100 against one shared ring of 5 (bench/NOTES.md, MoE v5).
@@ -92,6 +94,11 @@ return {
         return c.ws_cluster == 1 or (c.pipe == "ws" and c.ws_grid == "tiles" and
           (c.group_m == 8 or c.group_m == 0) and c.block_m == 128)
       end,
+    },
+    {
+      -- Three consumers leave the gathering producer 32 registers: it spilled 640 bytes.
+      reason = "ws_grid = dynamic is for pipe = ws with block_m 128",
+      check = function(c) return c.ws_grid ~= "dynamic" or (c.pipe == "ws" and c.block_m == 128) end,
     },
     {
       reason = "group_m 0 (one raster group per expert) is for pipe = ws and swap",
@@ -201,6 +208,7 @@ return {
     return string.format("moe_gemm_sm90_%s_m%d_n%d_s%d_g%s_sk%d_%s%s", c.dtype, c.block_m,
       c.block_n, c.stages, c.group_m == 0 and "e" or tostring(c.group_m), c.split_k, c.combine, c.pipe == "sync" and "" or "_" .. c.pipe)
       .. (c.x_stages ~= 3 and "_x" .. c.x_stages or "") .. (c.ws_grid == "tiles" and "_tiles" or "")
+      .. (c.ws_grid == "dynamic" and "_dyn" or "")
       .. (c.ws_cluster == 1 and "" or "_cl" .. c.ws_cluster)
   end,
 
@@ -213,6 +221,7 @@ return {
       FM_MOE_WS = (c.pipe == "ws" and 1) or (c.pipe == "swap" and 2) or 0,
       FM_X_STAGES = c.pipe == "swap" and c.x_stages or nil,
       FM_WS_CLUSTER = c.ws_cluster ~= 1 and c.ws_cluster or nil,
+      FM_WS_DYNAMIC = c.ws_grid == "dynamic" and 1 or nil,
     }
   end,
 
@@ -248,7 +257,9 @@ return {
       end
       if c.split_k > 1 then c.combine = "atomic" end
     else
-      c.pipe, c.block_m, c.block_n, c.stages, c.group_m = "ws", 128, 256, 3, 8
+      -- H100 (seventh session): rastered one expert at a time (group_m 0) the tile read its
+      -- weights once and won T=16384 by 5-9% over group_m 8; four stages led at 4096 and 16384.
+      c.pipe, c.block_m, c.block_n, c.stages, c.group_m = "ws", 128, 256, 4, 0
       c.ws_grid = "tiles"
     end
     while c.stages > 3 and lim.smem_per_block and smem(c) > lim.smem_per_block do

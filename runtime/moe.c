@@ -135,7 +135,7 @@ static void layout_of(const fm_moe_args *a, moe_layout *l) {
     off += up256((size_t)a->experts * 4);
     l->offsets = off;
     off += up256(((size_t)a->experts + 1) * 4);
-    l->num_tiles = off;
+    l->num_tiles = off; /* the real tile count; at +64 and +68 the dynamic schedule's counters */
     off += 256;
     l->sorted = off;
     off += up256((size_t)l->max_rows * 4);
@@ -423,6 +423,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const int ws_pipe = swap_pipe || (pipe && strcmp(pipe, "ws") == 0);
     const char *ws_grid = fm_config_str(cfg, "ws_grid");
     const int ws_tiles = ws_grid && strcmp(ws_grid, "tiles") == 0; /* one CTA per tile */
+    /* persistent, tiles taken in order from a counter (moe_gemm_sm90_ws.cuh) */
+    const int ws_dynamic = ws_grid && strcmp(ws_grid, "dynamic") == 0;
     /* pairs of tiles in 2-CTA clusters sharing weight copies (moe_gemm_sm90_ws.cuh) */
     const long long cluster = fm_config_int(cfg, "ws_cluster", 1);
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
@@ -430,7 +432,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
         (ws_pipe && !swap_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
                                    (bn != 128 && bn != 256))) ||
         (swap_pipe && (bm < 128 || bm % 64 || bk != 64 || split != 1 || (bn != 128 && bn != 192))) ||
-        (cluster != 1 && (cluster != 2 || !ws_pipe || swap_pipe || !ws_tiles || group_m % 2)))
+        (cluster != 1 && (cluster != 2 || !ws_pipe || swap_pipe || !ws_tiles || group_m % 2)) ||
+        (ws_dynamic && (!ws_pipe || swap_pipe)))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -491,6 +494,9 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     g1.expert_counts = ap.expert_counts;
     g1.expert_offsets = ap.expert_offsets;
     g1.sorted_weight = ap.sorted_weight;
+    /* two tile counters in the num_tiles block (256 bytes, one int used) */
+    int *counters = (int *)(ws + l.num_tiles + 64);
+    g1.tile_counter = ws_dynamic ? counters : NULL;
 
     fm_moe_gemm_params g2 = g1;
     g2.a = inter;
@@ -504,6 +510,7 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     g2.k_tiles_per_split = (I / bk + split - 1) / split;
     g2.split_k = split;
     g2.atomic = atomic;
+    g2.tile_counter = ws_dynamic ? counters + 1 : NULL;
 
     fm_moe_combine_params cp;
     memset(&cp, 0, sizeof cp);
@@ -546,6 +553,13 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     if ((s = get_fn(ctx, gemm, entry2, gemm->smem_bytes, &f_gemm2)) != FM_OK ||
         (s = get_fn(ctx, gemm, "fm_moe_combine", 0, &f_combine)) != FM_OK)
         goto out;
+    if (ws_dynamic) {
+        CUresult r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)counters, 0, 2, stream);
+        if (r != CUDA_SUCCESS) {
+            s = fm_cuda_error(ctx, ctx->drv, r, "moe: clearing the tile counters");
+            goto out;
+        }
+    }
     if (atomic) {
         CUresult r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)buf, 0,
                                                 (size_t)T * (size_t)H, stream);

@@ -406,7 +406,7 @@ typedef struct cfg_spec {
     int bm, bn, bk, stages, warps, group_m, split; /* bk, warps: sm80 only */
     const char *combine;
     const char *pipe; /* sm90 only: "sync", "ws" or "swap" */
-    const char *ws_grid; /* sm90 ws only: "persistent" (NULL) or "tiles" */
+    const char *ws_grid; /* sm90 ws only: "persistent" (NULL), "tiles" or "dynamic" */
     int x_stages;        /* sm90 swap only: token ring depth (0: the default, 3) */
     int cluster;         /* sm90 ws tiles only: CTAs per cluster sharing weight copies (0: 1) */
 } cfg_spec;
@@ -446,6 +446,9 @@ static const cfg_spec ws_specs[] = {
     /* pairs of tiles sharing weight copies (multicast) where they belong to one expert */
     {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 2},
     {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "atomic", "ws", "tiles", 0, 2},
+    /* dynamic schedule: a persistent grid taking tiles in order from a counter */
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "dynamic", 0, 0},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "ws", "dynamic", 0, 0},
     /* group_m 0: one raster group per expert */
     {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "tiles", 0, 2},
     {"moe_gemm_sm90", 128, 128, 64, 4, 0, 0, 1, "atomic", "ws", NULL, 0, 0},

@@ -62,6 +62,17 @@
  * so the barrier counts are the same in both modes; both CTAs of a cluster decide the mode from
  * the same two tile indices.
  *
+ * FM_WS_DYNAMIC = 1 (ws_grid = dynamic): a persistent grid whose CTAs take tiles in order from
+ * a counter in global memory (zeroed by the host before each launch) instead of striding by
+ * gridDim.x. Statically strided CTAs drift apart over their rounds, so the tiles in flight stop
+ * being neighbours in the raster (which is what keeps a weight tile in L2 while all the M tiles
+ * of its expert read it); taking them in order keeps the ~SM-count tiles in flight consecutive,
+ * and unlike one CTA per tile the producer fills the next tile's stages while the consumers
+ * run the previous tile's epilogue. Producer thread 0 takes each tile index and hands it on
+ * through a two-slot ring in shared memory (tile_full / tile_empty mbarriers); the gathering
+ * producer's other threads read it after a named barrier. A CTA stops at the first index past
+ * the real tiles.
+ *
  * Persistent order: tile t (of num_tiles * n_tiles, num_tiles read from the device) is
  * rasterised in groups of group_m M-tiles walking the N tiles together, M fastest. The ~132
  * CTAs in flight then cover a band of consecutive M-tiles (one or two per expert at T = 4096)
@@ -77,9 +88,13 @@
 #ifndef FM_WS_CLUSTER
 #define FM_WS_CLUSTER 1
 #endif
+#ifndef FM_WS_DYNAMIC
+#define FM_WS_DYNAMIC 0
+#endif
 #ifndef FM_PRODUCER_REGS
-#if FM_WS_CONSUMERS == 2 && FM_WS_CLUSTER > 1
-#define FM_PRODUCER_REGS 72 /* the pair's mode and tile besides: 56 spilled 24 bytes */
+#if FM_WS_CONSUMERS == 2 && (FM_WS_CLUSTER > 1 || FM_WS_DYNAMIC)
+/* the pair's mode and tile, or the tile ring, besides: 56 spilled 24 (8) bytes */
+#define FM_PRODUCER_REGS 72
 #elif FM_WS_CONSUMERS == 2
 #define FM_PRODUCER_REGS 56 /* 40 spilled 56 bytes in gemm1's gather loop (ncu: 130M local requests) */
 #else
@@ -87,7 +102,7 @@
 #endif
 #endif
 #ifndef FM_CONSUMER_REGS
-#if FM_WS_CONSUMERS == 2 && FM_WS_CLUSTER > 1
+#if FM_WS_CONSUMERS == 2 && (FM_WS_CLUSTER > 1 || FM_WS_DYNAMIC)
 #define FM_CONSUMER_REGS 216 /* 128 * (72 + 2 * 216) = 64512 */
 #elif FM_WS_CONSUMERS == 2
 #define FM_CONSUMER_REGS 224 /* 128 * (56 + 2 * 224) = 64512 <= 65536 */
@@ -115,6 +130,9 @@
 
 #if FM_WS_CLUSTER != 1 && FM_WS_CLUSTER != 2
 #error "FM_WS_CLUSTER is 1 or 2"
+#endif
+#if FM_WS_DYNAMIC && FM_WS_CLUSTER > 1
+#error "FM_WS_DYNAMIC takes one CTA per cluster (a pair runs one tile each)"
 #endif
 
 namespace fm_moe_ws {
@@ -154,6 +172,39 @@ static_assert(kBarOffset + 16 * kStages <= kStages * kStageBytes + 1024, "barrie
 constexpr bool kTokInSmem = kConsumers == 3;
 constexpr int kTokOffset = kStages * kStageBytes + 1024;
 constexpr int kCluster = FM_WS_CLUSTER;
+constexpr bool kDynamic = FM_WS_DYNAMIC != 0;
+/* FM_WS_DYNAMIC: tile_full[2], tile_empty[2] (mbarriers), then slot[2] (tile indices), in the
+ * slack behind the stage barriers. */
+constexpr int kTileRing = kBarOffset + 128;
+static_assert(kTileRing + 40 <= kStages * kStageBytes + 1024, "the tile ring fits the slack");
+constexpr unsigned kBarProducer = 8; /* named barrier of the gathering producer warpgroup */
+
+/* Dynamic schedule, producer side: thread 0 takes the next tile index once the consumers have
+ * read the slot's previous one, publishes it; with `all` the warpgroup's other threads read it
+ * after a named barrier. Use i of the ring: i-th tile of this CTA. */
+static __device__ __forceinline__ int fetch_tile(const fm_moe_gemm_params &p, unsigned s_base,
+                                                 int i, int tid, bool all) {
+    const unsigned ring = s_base + (unsigned)kTileRing;
+    const unsigned full = ring + 8u * (unsigned)(i & 1), empty = ring + 16u + 8u * (unsigned)(i & 1);
+    const unsigned slot = ring + 32u + 4u * (unsigned)(i & 1);
+    if (tid == 0) {
+        fm_mbar_wait(empty, ((unsigned)(i >> 1) & 1u) ^ 1u);
+        fm_st_shared_s32(slot, atomicAdd(p.tile_counter, 1));
+        fm_mbar_arrive(full);
+    }
+    if (all) fm_bar_sync(kBarProducer, 128);
+    return fm_ld_shared_s32(slot);
+}
+
+/* Dynamic schedule, consumer side: this CTA's i-th tile index (one arrival per warp once read). */
+static __device__ __forceinline__ int take_tile(unsigned s_base, int i, int lane) {
+    const unsigned ring = s_base + (unsigned)kTileRing;
+    fm_mbar_wait(ring + 8u * (unsigned)(i & 1), (unsigned)(i >> 1) & 1u);
+    const int t = fm_ld_shared_s32(ring + 32u + 4u * (unsigned)(i & 1));
+    __syncwarp();
+    if (lane == 0) fm_mbar_arrive(ring + 16u + 8u * (unsigned)(i & 1));
+    return t;
+}
 
 /* Does this CTA's tile share its weight tile with the other CTA of its cluster (see the
  * header)? Both CTAs compute the same answer. Also gives this CTA's own tile (with clusters
@@ -211,7 +262,9 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
 
     int it = 0;       /* k-tiles issued by this CTA, over all its tiles */
     int signaled = 0; /* GATHER: k-tiles whose full barrier this thread has arrived on */
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    for (int i = 0, t = (int)blockIdx.x;; ++i, t += kDynamic ? 0 : (int)gridDim.x) {
+        if constexpr (kDynamic) t = fetch_tile(p, s_base, i, tid, GATHER);
+        if (t >= total) break;
         int m_tile, n_tile;
         coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
         const int expert = p.tile_expert[m_tile];
@@ -310,7 +363,9 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
 
     float acc[kAcc];
     int it = 0;
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    for (int i = 0, t = (int)blockIdx.x;; ++i, t += kDynamic ? 0 : (int)gridDim.x) {
+        if constexpr (kDynamic) t = take_tile(s_base, i, lane);
+        if (t >= total) break;
         int m_tile, n_tile;
         coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
         const int m0 = m_tile * kBM;
@@ -384,6 +439,12 @@ static __device__ __forceinline__ void gemm(const fm_tma_desc *tma_a, const fm_t
             fm_mbar_init(bar_full + 8 * s, GATED ? 129 : 1);
             /* one per consumer warp (of each CTA of a cluster; see release()) */
             fm_mbar_init(bar_empty + 8 * s, 4 * kConsumers * kCluster);
+        }
+        if (kDynamic) {
+            for (int i = 0; i < 2; ++i) {
+                fm_mbar_init(s_base + (unsigned)(kTileRing + 8 * i), 1);
+                fm_mbar_init(s_base + (unsigned)(kTileRing + 16 + 8 * i), 4 * kConsumers);
+            }
         }
         fm_mbar_init_fence();
     }

@@ -82,6 +82,7 @@ typedef struct fm_moe_gemm_params {
     const int *expert_counts;  /* [E] slots per expert (pipe = swap: real rows of a tile) */
     const int *expert_offsets; /* [E + 1] first padded row of each expert */
     const float *sorted_weight; /* [rows] routing weight per padded row (pipe = swap, gemm2) */
+    int *tile_counter;          /* ws_grid = dynamic: next tile to take, zeroed before launch */
 } fm_moe_gemm_params;
 
 /* Combine: out[t] = sum_k slot_buf[t*K + k] (combine = slot) or out[t] = acc[t] (atomic),

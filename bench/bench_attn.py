@@ -11,6 +11,10 @@ one short do_bench each (order rotating), the median of the round medians kept; 
 board power are sampled after each of flashmoe's rounds.
 
 usage: python3 bench/bench_attn.py --lib build/libflashmoe.so --out DIR [--quick]
+                                   [--ref-lib OLD/libflashmoe.so] [--only D:causal:S,...]
+--ref-lib: a second build of the library (e.g. the previous commit's), timed interleaved with the
+others on the same configuration: the A/B of a kernel change in one process (column ref, ratio
+new / ref).
 """
 import argparse
 import contextlib
@@ -82,12 +86,15 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--ref-lib", default="",
+                    help="another build of the library to time interleaved (A/B of a change)")
     ap.add_argument("--only", default="",
                     help="comma-separated D:causal:S points (and/or 'mission') to run, e.g. 128:0:4096")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     fm = FlashMoE(args.lib)
+    ref = FlashMoE(args.ref_lib) if args.ref_lib else None
     dev = torch.cuda.get_device_name()
     print("card: %s, torch %s, cuDNN %s" % (dev, torch.__version__, torch.backends.cudnn.version()))
     rows = []
@@ -130,9 +137,22 @@ def main():
                "cudnn": (run_sdpa, SDPBackend.CUDNN_ATTENTION)}
         if ok:
             fns["flashmoe"] = (run_fm, None)
+        if ref is not None:
+            ra = ref.attention_args(q, k, v, o, causal)
+            rcfg = ref.select(ra)[0]
+            if rcfg != cfg:
+                print("  ref library selects %s, not %s" % (rcfg, cfg))
+
+            def run_ref():
+                ref.attention(ra, torch.cuda.current_stream().cuda_stream)
+            fns["ref"] = (run_ref, None)
         med, state = bench_interleaved(fns)
-        for name in ("flash", "cudnn", "flashmoe"):
+        for name in ("flash", "cudnn", "flashmoe", "ref"):
+            if name == "ref" and ref is None:
+                continue
             res[name] = flops / med[name] / 1e9 if name in med else float("nan")
+        if ref is not None:
+            res["vs_ref"] = res["flashmoe"] / res["ref"]
         res["sm_mhz"], res["watts"] = state.get("flashmoe", (float("nan"), float("nan")))
         res["vs_cudnn"] = res["flashmoe"] / res["cudnn"]
         res["vs_flash"] = res["flashmoe"] / res["flash"]
@@ -142,6 +162,8 @@ def main():
                   d, causal, b, s, h, res["flashmoe"], res["flash"], res["cudnn"],
                   res["vs_cudnn"], res["vs_flash"], err, cfg, source, res["sm_mhz"],
                   res["watts"]), flush=True)
+        if ref is not None:
+            print("      ref %6.1f  new / ref x%.3f" % (res["ref"], res["vs_ref"]), flush=True)
         del q, k, v, o, qt, kt, vt, ref
     with open(os.path.join(args.out, "attn.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))

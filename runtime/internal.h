@@ -94,6 +94,7 @@ fm_status fm_generator_problems(fm_generator *g, const char *family, fm_enum_cb 
 /* ---- JIT ---------------------------------------------------------------------------------- */
 typedef struct fm_compile_info {
     int registers, spill_stores, spill_loads, stack_bytes, static_smem;
+    int wgmma_serialized; /* ptxas serialised the kernel's wgmma (warnings C7510..C7515) */
     double compile_ms;
     int from_cache; /* 1: disk cache, 2: memory cache */
 } fm_compile_info;

@@ -104,6 +104,9 @@ void fm_parse_ptxas_log(const char *log, fm_compile_info *info) {
             if (sscanf(q, "%d", &smem) == 1 && smem > info->static_smem) info->static_smem = smem;
         }
     }
+    /* "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...":
+     * every wgmma of the kernel then waits for the previous one, which no timing would explain. */
+    if (strstr(log, "wgmma.mma_async instructions are serialized")) info->wgmma_serialized = 1;
     /* NVRTC prefixes the line ("ptxas         .     56 bytes stack frame, ..."), nvcc does
      * not: start at the number just before "bytes stack frame". */
     for (const char *p = log; (p = strstr(p, "bytes stack frame")); p += 17) {
@@ -217,8 +220,9 @@ fm_status fm_jit_compile(fm_jit *j, const char *name, const fm_rendered *r, int 
     key = fnv(key, &nvrtc, sizeof nvrtc);
     for (int i = 0; i < nopts; i++) key = fnv(key, opts[i], strlen(opts[i]) + 1);
     /* Version of what the cache stores beside the cubin (.info): 2 since spills are read from
-     * NVRTC's prefixed ptxas lines (entries written before said 0 spills, wrongly). */
-    static const char info_version[] = "info-2";
+     * NVRTC's prefixed ptxas lines (entries written before said 0 spills, wrongly), 3 since it
+     * records whether ptxas serialised the wgmma. */
+    static const char info_version[] = "info-3";
     key = fnv(key, info_version, sizeof info_version);
 
     if (mem_get(j, key, cubin, cubin_size, info)) {
@@ -233,9 +237,9 @@ fm_status fm_jit_compile(fm_jit *j, const char *name, const fm_rendered *r, int 
         snprintf(ipath, sizeof ipath, "%s.info", path);
         FILE *f = fopen(ipath, "r");
         if (f) {
-            int ok = fscanf(f, "%d %d %d %d %d %lf", &info->registers, &info->spill_stores,
+            int ok = fscanf(f, "%d %d %d %d %d %lf %d", &info->registers, &info->spill_stores,
                             &info->spill_loads, &info->stack_bytes, &info->static_smem,
-                            &info->compile_ms) == 6;
+                            &info->compile_ms, &info->wgmma_serialized) == 7;
             fclose(f);
             if (ok && read_file(path, cubin, cubin_size) == 0) {
                 info->from_cache = 1;
@@ -291,9 +295,9 @@ fm_status fm_jit_compile(fm_jit *j, const char *name, const fm_rendered *r, int 
         write_atomic(path, bin, n);
         char ipath[1310], line[160];
         snprintf(ipath, sizeof ipath, "%s.info", path);
-        int len = snprintf(line, sizeof line, "%d %d %d %d %d %.3f\n", info->registers,
+        int len = snprintf(line, sizeof line, "%d %d %d %d %d %.3f %d\n", info->registers,
                            info->spill_stores, info->spill_loads, info->stack_bytes,
-                           info->static_smem, info->compile_ms);
+                           info->static_smem, info->compile_ms, info->wgmma_serialized);
         /* the .info is written last: a reader that finds it finds the cubin too */
         if (len > 0) write_atomic(ipath, line, (size_t)len);
     }

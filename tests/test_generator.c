@@ -71,6 +71,16 @@ static void test_ptxas_log(void) {
     CHECK(a.registers == 168 && a.spill_stores == 56 && a.spill_loads == 48 && a.stack_bytes == 56,
           "NVRTC log: regs %d spills %d/%d stack %d", a.registers, a.spill_stores, a.spill_loads,
           a.stack_bytes);
+    CHECK(!a.wgmma_serialized, "a log without the warning reads as serialised wgmma");
+    const char *serial =
+        "ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized due to insufficient register resources for the wgmma pipeline in the "
+        "function 'fm_a'\n"
+        "ptxas info    : Used 168 registers, used 16 barriers\n";
+    fm_compile_info w;
+    memset(&w, 0, sizeof w);
+    fm_parse_ptxas_log(serial, &w);
+    CHECK(w.wgmma_serialized && w.registers == 168, "serialised wgmma not read from the log");
     const char *nvcc = "ptxas info    : Function properties for fm_c\n"
                        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
                        "ptxas info    : Used 255 registers, 1024 bytes smem\n";

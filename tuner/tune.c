@@ -1122,6 +1122,15 @@ int fm_tune(const fm_tune_opts *o) {
             record(&rc, x);
             continue;
         }
+        if (x->ci.wgmma_serialized) {
+            /* every product would wait for the previous one: never worth timing */
+            nrejected++;
+            snprintf(x->status, sizeof x->status, "rejected");
+            snprintf(x->detail, sizeof x->detail,
+                     "ptxas serialised its wgmma (%d registers)", x->ci.registers);
+            record(&rc, x);
+            continue;
+        }
         if (x->r.smem_bytes + x->ci.static_smem > lim.smem_per_block) {
             nrejected++;
             snprintf(x->status, sizeof x->status, "rejected");

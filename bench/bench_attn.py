@@ -94,7 +94,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     fm = FlashMoE(args.lib)
-    ref = FlashMoE(args.ref_lib) if args.ref_lib else None
+    reflib = FlashMoE(args.ref_lib) if args.ref_lib else None
     dev = torch.cuda.get_device_name()
     print("card: %s, torch %s, cuDNN %s" % (dev, torch.__version__, torch.backends.cudnn.version()))
     rows = []
@@ -137,21 +137,21 @@ def main():
                "cudnn": (run_sdpa, SDPBackend.CUDNN_ATTENTION)}
         if ok:
             fns["flashmoe"] = (run_fm, None)
-        if ref is not None:
-            ra = ref.attention_args(q, k, v, o, causal)
-            rcfg = ref.select(ra)[0]
+        if reflib is not None:
+            ra = reflib.attention_args(q, k, v, o, causal)
+            rcfg = reflib.select(ra)[0]
             if rcfg != cfg:
                 print("  ref library selects %s, not %s" % (rcfg, cfg))
 
             def run_ref():
-                ref.attention(ra, torch.cuda.current_stream().cuda_stream)
+                reflib.attention(ra, torch.cuda.current_stream().cuda_stream)
             fns["ref"] = (run_ref, None)
         med, state = bench_interleaved(fns)
         for name in ("flash", "cudnn", "flashmoe", "ref"):
-            if name == "ref" and ref is None:
+            if name == "ref" and reflib is None:
                 continue
             res[name] = flops / med[name] / 1e9 if name in med else float("nan")
-        if ref is not None:
+        if reflib is not None:
             res["vs_ref"] = res["flashmoe"] / res["ref"]
         res["sm_mhz"], res["watts"] = state.get("flashmoe", (float("nan"), float("nan")))
         res["vs_cudnn"] = res["flashmoe"] / res["cudnn"]
@@ -162,7 +162,7 @@ def main():
                   d, causal, b, s, h, res["flashmoe"], res["flash"], res["cudnn"],
                   res["vs_cudnn"], res["vs_flash"], err, cfg, source, res["sm_mhz"],
                   res["watts"]), flush=True)
-        if ref is not None:
+        if reflib is not None:
             print("      ref %6.1f  new / ref x%.3f" % (res["ref"], res["vs_ref"]), flush=True)
         del q, k, v, o, qt, kt, vt, ref
     with open(os.path.join(args.out, "attn.csv"), "w", newline="") as f:

@@ -202,16 +202,23 @@ def matmul_rate(dtype):
     return 2.0 * n ** 3 / (ms * 1e-3)
 
 
-def kernel_breakdown(fn, total_ms, calls=10):
+def kernel_breakdown(fn, total_ms, calls=10, warm_ms=1500.0):
     """Device time per kernel over `calls` calls of fn (CUPTI, through torch.profiler): where a
-    layer's time goes (routing, alignment, each grouped GEMM, combine)."""
+    layer's time goes (routing, alignment, each grouped GEMM, combine). The profiled calls follow
+    about warm_ms of back-to-back calls with no synchronisation in between, so that they run
+    under the same sustained load (and power-limited clock) as the timed rounds; also prints the
+    span from the first profiled kernel's start to the last one's end, per call: with the
+    kernels' sum it shows whether anything but kernels (launch gaps) takes time."""
     from torch.profiler import profile, ProfilerActivity
     torch.cuda.synchronize()
+    for i in range(max(1, int(warm_ms / max(total_ms, 1e-3)))):
+        fn(i)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(calls):
             fn(i)
         torch.cuda.synchronize()
     per = {}
+    t0, t1 = float("inf"), float("-inf")
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -221,9 +228,16 @@ def kernel_breakdown(fn, total_ms, calls=10):
         n = per.setdefault(e.name, [0.0, 0])
         n[0] += t / 1e3 / calls
         n[1] += 1
+        tr = getattr(e, "time_range", None)
+        if tr is not None:
+            t0, t1 = min(t0, tr.start), max(t1, tr.end)
     for name, (ms, cnt) in sorted(per.items(), key=lambda kv: -kv[1][0]):
         print("    %-60s %8.3f ms/call (%4.1f%% of %.3f)  x%d"
               % (name[:60], ms, 100.0 * ms / total_ms, total_ms, cnt // calls))
+    ksum = sum(ms for ms, _ in per.values())
+    if t1 > t0:
+        print("    kernels %.3f ms/call; first kernel start to last kernel end %.3f ms/call"
+              % (ksum, (t1 - t0) / 1e3 / calls))
 
 
 def rel_err(out, ref):
@@ -243,6 +257,9 @@ def main():
     ap.add_argument("--routing", default="random", choices=("random", "uniform"),
                     help="uniform: every expert gets exactly T*K/E tokens (a diagnostic of the "
                          "cost of padded tile rows; needs T*K divisible by E)")
+    ap.add_argument("--ref-lib", default="",
+                    help="another build of the library, timed interleaved with the others "
+                         "(the A/B of a change; column ref_ms)")
     ap.add_argument("--profile", action="store_true",
                     help="also print flashmoe's time per kernel (torch.profiler, 10 calls)")
     args = ap.parse_args()
@@ -251,6 +268,7 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     fm = FlashMoE(args.lib)
+    reflib = FlashMoE(args.ref_lib) if args.ref_lib else None
     print("card: %s, torch %s, flashmoe %s" % (torch.cuda.get_device_name(), torch.__version__,
                                                 fm.lib.fm_version().decode()))
     bw = copy_bandwidth()
@@ -296,9 +314,17 @@ def main():
                   else float("nan"))
         ref = None
 
-        tm = time_interleaved({
-            "flashmoe": lambda i: layer(xs[i % NROT], ls[i % NROT], w13, w2, out_fm),
-            "grouped_mm": lambda i: grouped_mm_moe(xs[i % NROT], ls[i % NROT], w13, w2, K)})
+        fns = {"flashmoe": lambda i: layer(xs[i % NROT], ls[i % NROT], w13, w2, out_fm),
+               "grouped_mm": lambda i: grouped_mm_moe(xs[i % NROT], ls[i % NROT], w13, w2, K)}
+        if reflib is not None:
+            ref_layer = FlashMoELayer(reflib, T, E, K, H, I, dt)
+            out_ref = torch.empty_like(out_fm)
+            fns["ref"] = lambda i: ref_layer(xs[i % NROT], ls[i % NROT], w13, w2, out_ref)
+        tm = time_interleaved(fns)
+        if reflib is not None:
+            print("T=%-6d ref library %8.3f ms, this one / ref x%.3f"
+                  % (T, tm["ref"][0], tm["flashmoe"][0] / tm["ref"][0]), flush=True)
+            ref_layer = out_ref = None
         t_fm, n_fm, mhz_fm, w_fm = tm["flashmoe"]
         t_gm, n_gm, mhz_gm, w_gm = tm["grouped_mm"]
         if args.no_naive:

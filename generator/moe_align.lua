@@ -1,12 +1,14 @@
 -- moe_align.lua - sorts routing slots by expert into block_m-padded rows (templates/moe_align.cu).
--- One CTA for the whole problem: E <= 512 experts fit its shared-memory counters, and its two
--- passes over the T*K ids stay in the tens of microseconds at T = 16384, K = 8 (next to
--- milliseconds of GEMM). block_m is a run-time parameter, so one compiled kernel serves every
--- GEMM configuration.
+-- Two kernels (count with the last CTA scanning, then place), each CTA taking threads x
+-- FM_MOE_ALIGN_PER_THREAD slots: the work per CTA stays bounded as T grows (one CTA for the
+-- whole problem took 0.36 ms at T = 16384, K = 8 on an H100). block_m is a run-time parameter,
+-- so one compiled module serves every GEMM configuration.
 --
--- Launch: ONE block of `threads` threads, no dynamic shared memory; fm_moe_align_params by value.
+-- Launch (runtime/moe.c): grid ceil(T*K / (threads * FM_MOE_ALIGN_PER_THREAD)) blocks of
+-- `threads` for fm_moe_align, then the same for fm_moe_align_place; no dynamic shared memory;
+-- fm_moe_align_params by value; the expert counts and the ticket zeroed before.
 
-local THREADS = 1024
+local THREADS = 256
 
 return {
   name = "moe_align",

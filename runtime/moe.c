@@ -4,10 +4,13 @@
  *
  * Launch sequence (all on `stream`, no host synchronisation: every size the host needs is an
  * upper bound known from the arguments; the real counts stay on the device):
- *   0. combine=atomic only: memset acc [T, H] fp32 to 0
+ *   0. memset the counters (tile count, dynamic-schedule counters, alignment ticket, expert
+ *      counts: one block of the workspace); combine=atomic only: memset acc [T, H] fp32 to 0
  *   1. fm_moe_route        grid ceil(T / 4) x 128 threads: ids, weights [T, K]
- *   2. fm_moe_align        1 x 1024: counts, padded offsets, sorted_slot, tile_expert, num_tiles
- *                          (pipe = swap: also each padded row's routing weight)
+ *   2. fm_moe_align        grid ceil(T*K / 2048) x 256: counts, padded offsets, tile_expert,
+ *                          num_tiles, padding rows, each expert's first free row (the last CTA)
+ *      fm_moe_align_place  same grid: sorted_slot (pipe = swap: also each padded row's
+ *                          routing weight)
  *   3. fm_moe_gemm1_<arch> grid m_tiles * ceil(I / (BN/2)): intermediate [rows, I] 16-bit
  *   4. fm_moe_gemm2_<arch> grid (m_tiles * ceil(H / BN), split_k): slot rows or fp32 atomics
  *      (<arch> = sm80 or sm90 from the configuration's family; block and shared memory from
@@ -22,8 +25,9 @@
  *
  * Workspace (config-independent, so its size never depends on what the database holds; each
  * region starts on a 256-byte boundary):
- *   ids [T*K] i32 | weights [T*K] f32 | counts [E] i32 | offsets [E+1] i32 | num_tiles [1] i32 |
- *   sorted_slot [R] i32 | sorted_weight [R] f32 | tile_expert [M] i32 |
+ *   ids [T*K] i32 | weights [T*K] f32 | num_tiles and counters (256 bytes) | counts [E] i32 |
+ *   offsets [E+1] i32 | cursor [E] i32 | sorted_slot [R] i32 | sorted_weight [R] f32 |
+ *   tile_expert [M] i32 |
  *   intermediate [R, I] 16-bit |
  *   buffer max(T*K*H*2, T*H*4) bytes (slot rows, or the fp32 accumulator)
  * with R = T*K + min(E, T*K) * (MAX_BLOCK_M - 1) (rows grow with BM) and
@@ -103,8 +107,8 @@ static fm_status check_ptr(const fm_context *ctx, const void *p, const char *nam
 }
 
 typedef struct moe_layout {
-    size_t ids, weights, counts, offsets, num_tiles, sorted, sorted_w, tile_expert, inter, buf,
-        total;
+    size_t ids, weights, num_tiles, counts, offsets, cursor, sorted, sorted_w, tile_expert, inter,
+        buf, total;
     long long max_rows, max_tiles;
 } moe_layout;
 
@@ -131,12 +135,17 @@ static void layout_of(const fm_moe_args *a, moe_layout *l) {
     off += up256(slots * 4);
     l->weights = off;
     off += up256(slots * 4);
+    /* The real tile count; at +64 and +68 the dynamic schedule's tile counters, at +72 the
+     * alignment's ticket; the expert counts right after, so that one memset before each layer
+     * clears every counter that accumulates (MOE_ZEROED_INTS). */
+    l->num_tiles = off;
+    off += 256;
     l->counts = off;
     off += up256((size_t)a->experts * 4);
     l->offsets = off;
     off += up256(((size_t)a->experts + 1) * 4);
-    l->num_tiles = off; /* the real tile count; at +64 and +68 the dynamic schedule's counters */
-    off += 256;
+    l->cursor = off;
+    off += up256((size_t)a->experts * 4);
     l->sorted = off;
     off += up256((size_t)l->max_rows * 4);
     l->sorted_w = off;
@@ -467,6 +476,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     ap.expert_offsets = (int *)(ws + l.offsets);
     ap.slot_weight = weights;
     ap.sorted_weight = swap_pipe ? (float *)(ws + l.sorted_w) : NULL;
+    ap.cursor = (int *)(ws + l.cursor);
+    ap.ticket = (int *)(ws + l.num_tiles + 72);
     ap.slots = T * K;
     ap.experts = E;
     ap.block_m = bm;
@@ -549,14 +560,18 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     }
 
     if ((s = fm_context_enter(ctx)) != FM_OK) return s;
-    CUfunction f_gemm2, f_combine;
+    CUfunction f_gemm2, f_combine, f_place;
     if ((s = get_fn(ctx, gemm, entry2, gemm->smem_bytes, &f_gemm2)) != FM_OK ||
-        (s = get_fn(ctx, gemm, "fm_moe_combine", 0, &f_combine)) != FM_OK)
+        (s = get_fn(ctx, gemm, "fm_moe_combine", 0, &f_combine)) != FM_OK ||
+        (s = get_fn(ctx, align, "fm_moe_align_place", 0, &f_place)) != FM_OK)
         goto out;
-    if (ws_dynamic) {
-        CUresult r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)counters, 0, 2, stream);
+    {
+        /* the tile count, the dynamic schedule's counters, the alignment's ticket and the expert
+         * counts (adjacent, see layout_of) */
+        const size_t n = (l.counts - l.num_tiles) / 4 + (size_t)E;
+        CUresult r = ctx->drv->cuMemsetD32Async((CUdeviceptr)(uintptr_t)num_tiles, 0, n, stream);
         if (r != CUDA_SUCCESS) {
-            s = fm_cuda_error(ctx, ctx->drv, r, "moe: clearing the tile counters");
+            s = fm_cuda_error(ctx, ctx->drv, r, "moe: clearing the counters");
             goto out;
         }
     }
@@ -575,9 +590,15 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
                         1, (unsigned)route->threads, 0, stream, &rp)) != FM_OK)
             goto out;
     }
-    if ((s = launch(ctx, align->fn, "moe: fm_moe_align", 1, 1, (unsigned)align->threads, 0, stream,
-                    &ap)) != FM_OK)
-        goto out;
+    {
+        const long long chunk = (long long)align->threads * FM_MOE_ALIGN_PER_THREAD;
+        const unsigned grid = (unsigned)(((long long)T * K + chunk - 1) / chunk);
+        if ((s = launch(ctx, align->fn, "moe: fm_moe_align", grid, 1, (unsigned)align->threads, 0,
+                        stream, &ap)) != FM_OK ||
+            (s = launch(ctx, f_place, "moe: fm_moe_align_place", grid, 1,
+                        (unsigned)align->threads, 0, stream, &ap)) != FM_OK)
+            goto out;
+    }
     if (ws_pipe) {
         void *argv1[] = {&m1[0], &m1[1], &g1};
         void *argv2[] = {&m2[0], &m2[1], &g2};

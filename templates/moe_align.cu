@@ -11,15 +11,23 @@
  * Within one expert the order of slots is whatever the atomics give; each row of the GEMMs is
  * computed independently of the others, so the results do not depend on it.
  *
- * Launch contract: ONE block of FM_ALIGN_THREADS threads, no dynamic shared memory (about
- * 6 KB static). E <= 512 (checked by the host). Work is O(T*K / threads) per thread: two
- * passes over the ids with warp-aggregated shared-memory atomics, so that even every slot
- * hitting one expert costs one atomic per warp, not 32 serialised ones.
+ * Two kernels, each over CTAs of FM_ALIGN_THREADS x FM_MOE_ALIGN_PER_THREAD slots (so the work
+ * per CTA is bounded whatever T is; one CTA for the whole problem took 0.36 ms at T = 16384,
+ * K = 8 on an H100, bench/NOTES.md):
+ *  - fm_moe_align: each CTA counts its slots per expert in shared memory and adds the counts to
+ *    expert_counts (global atomics, at most E per CTA); the last CTA to finish (a ticket
+ *    counter) computes the padded offsets, the tile table, the padding rows and each expert's
+ *    first free row (cursor). expert_counts and the ticket must be zero before the launch.
+ *  - fm_moe_align_place: every slot takes the next row of its expert from the cursor (global
+ *    atomics) and writes its slot id and weight there.
+ * Counting and placing aggregate the lanes of a warp that hit the same expert into one atomic,
+ * so even every slot routed to one expert costs one atomic per warp, not 32 serialised ones.
+ * E <= 512 (checked by the host); no dynamic shared memory (about 4 KB static).
  */
 #include "common/moe_params.h"
 
 #ifndef FM_ALIGN_THREADS
-#define FM_ALIGN_THREADS 1024
+#define FM_ALIGN_THREADS 256
 #endif
 #if FM_ALIGN_THREADS % 32 != 0 || FM_ALIGN_THREADS < 64 || FM_ALIGN_THREADS > 1024
 #error "FM_ALIGN_THREADS must be a multiple of 32 in 64..1024"
@@ -29,6 +37,7 @@ namespace fm_moe_align_k {
 constexpr int kThreads = FM_ALIGN_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kE = FM_MOE_MAX_EXPERTS;
+constexpr int kChunk = kThreads * FM_MOE_ALIGN_PER_THREAD; /* slots per CTA */
 
 static __device__ __forceinline__ unsigned lanemask_lt(void) {
     unsigned r;
@@ -36,7 +45,8 @@ static __device__ __forceinline__ unsigned lanemask_lt(void) {
     return r;
 }
 
-/* Adds one to counter[e] for every lane with a valid e (all 32 lanes must call it); returns the
+/* Adds one to counter[e] (shared or global) for every lane with a valid e (all 32 lanes must call
+ * it); returns the
  * counter's value before this lane's increment, ordered by lane within the warp. Lanes with the
  * same expert agree on a leader that does a single atomic for the group. */
 static __device__ __forceinline__ int aggregated_inc(int *counter, int e, bool valid) {
@@ -51,30 +61,41 @@ static __device__ __forceinline__ int aggregated_inc(int *counter, int e, bool v
 }
 } // namespace fm_moe_align_k
 
-extern "C" __global__ void __launch_bounds__(FM_ALIGN_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(FM_ALIGN_THREADS)
 fm_moe_align(const fm_moe_align_params p) {
     using namespace fm_moe_align_k;
     __shared__ int s_count[kE];
     __shared__ int s_off[kE + 1];
-    __shared__ int s_cursor[kE];
+    __shared__ int s_last;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
     const int E = p.experts, BM = p.block_m;
 
-    for (int e = tid; e < kE; e += kThreads) {
-        s_count[e] = 0;
-        s_cursor[e] = 0;
-    }
+    for (int e = tid; e < kE; e += kThreads) s_count[e] = 0;
     __syncthreads();
 
-    /* ---- pass 1: count (every thread of the block runs the same number of iterations, so
-     * whole warps reach the warp-synchronous aggregation) ---- */
-    for (int base = 0; base < p.slots; base += kThreads) {
-        const int s = base + tid;
+    /* ---- this CTA's slots, counted per expert (every thread runs the same iterations, so whole
+     * warps reach the warp-synchronous aggregation) ---- */
+    const int first = (int)blockIdx.x * kChunk;
+#pragma unroll
+    for (int j = 0; j < FM_MOE_ALIGN_PER_THREAD; ++j) {
+        const int s = first + j * kThreads + tid;
         const int e = s < p.slots ? p.topk_ids[s] : -1;
         aggregated_inc(s_count, e, e >= 0 && e < E);
     }
+    __syncthreads();
+    for (int e = tid; e < E; e += kThreads)
+        if (s_count[e]) atomicAdd(&p.expert_counts[e], s_count[e]);
+
+    /* ---- the last CTA to finish sees every count (fence, then the ticket) ---- */
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(p.ticket, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int e = tid; e < kE; e += kThreads) s_count[e] = e < E ? __ldcg(&p.expert_counts[e]) : 0;
     __syncthreads();
 
     /* ---- exclusive scan of the padded counts: warp 0, 16 experts per lane ---- */
@@ -110,8 +131,8 @@ fm_moe_align(const fm_moe_align_params p) {
     const int tiles = total / BM;
     if (tid == 0) *p.num_tiles = tiles < p.max_tiles ? tiles : p.max_tiles;
     for (int e = tid; e < E; e += kThreads) {
-        p.expert_counts[e] = s_count[e];
         p.expert_offsets[e] = s_off[e];
+        p.cursor[e] = s_off[e];
     }
     if (tid == 0) p.expert_offsets[E] = total;
 
@@ -132,22 +153,29 @@ fm_moe_align(const fm_moe_align_params p) {
 
     /* ---- padding rows: one warp per expert, lanes over its (fewer than BM) padding rows ---- */
     for (int e = warp; e < E; e += kWarps) {
-        const int first = s_off[e] + s_count[e];
-        for (int r = first + lane; r < s_off[e + 1]; r += 32) {
+        const int pad0 = s_off[e] + s_count[e];
+        for (int r = pad0 + lane; r < s_off[e + 1]; r += 32) {
             p.sorted_slot[r] = -1;
             if (p.sorted_weight) p.sorted_weight[r] = 0.f;
         }
     }
+}
 
-    /* ---- pass 2: place every slot ---- */
-    for (int base = 0; base < p.slots; base += kThreads) {
-        const int s = base + tid;
+/* Launched after fm_moe_align on the same stream, with the same grid. */
+extern "C" __global__ void __launch_bounds__(FM_ALIGN_THREADS)
+fm_moe_align_place(const fm_moe_align_params p) {
+    using namespace fm_moe_align_k;
+    const int E = p.experts;
+    const int first = (int)blockIdx.x * kChunk;
+#pragma unroll
+    for (int j = 0; j < FM_MOE_ALIGN_PER_THREAD; ++j) {
+        const int s = first + j * kThreads + (int)threadIdx.x;
         const int e = s < p.slots ? p.topk_ids[s] : -1;
         const bool valid = e >= 0 && e < E;
-        const int pos = aggregated_inc(s_cursor, e, valid);
+        const int row = aggregated_inc(p.cursor, e, valid);
         if (valid) {
-            p.sorted_slot[s_off[e] + pos] = s;
-            if (p.sorted_weight) p.sorted_weight[s_off[e] + pos] = p.slot_weight[s];
+            p.sorted_slot[row] = s;
+            if (p.sorted_weight) p.sorted_weight[row] = p.slot_weight[s];
         }
     }
 }

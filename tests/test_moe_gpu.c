@@ -6,7 +6,9 @@
  *     group index wins): exact ids wherever the choice is not within rounding of a tie (exact
  *     ties included: quantised logits make many), weights within 1e-5 of float64;
  *  B. the whole layer against float64 on the CPU: small shapes with T = 1 and 3, an expert that
- *     receives no token, one expert receiving every token, E = 512 with K = 16, both routing
+ *     receives no token, one expert receiving every token, E = 512 with K = 16, more routing
+ *     slots than one CTA of the alignment takes (several CTAs counting and placing, also all on
+ *     one expert), both routing
  *     modes (softmax with and without renormalisation; sigmoid with and without groups and
  *     bias), bf16 and fp16, through fm_moe_fwd (the library's own choice);
  *  C. a set of configurations spanning every axis value of both families (sm80: block_m
@@ -644,6 +646,10 @@ int main(void) {
         {"ties_sigmoid", FP, 64, 64, 64, 32, 8, 1, 1, 4, 2, 1.0f, 1, 1, -1, -1},
         {"multi_tile", FP, 300, 512, 256, 16, 4, 0, 1, 0, 0, 0, 0, 0, -1, -1},
         {"multi_tile_bf16", BF, 300, 512, 256, 16, 4, 0, 1, 0, 0, 0, 0, 0, -1, -1},
+        /* more slots than one CTA of the alignment takes (2048): counts added from three CTAs,
+         * rows placed by three; then every slot of several CTAs on one expert */
+        {"align_3_ctas", BF, 700, 128, 64, 64, 8, 0, 1, 0, 0, 0, 0, 0, 9, -1},
+        {"align_all_to_one", FP, 4500, 64, 64, 8, 1, 0, 1, 0, 0, 0, 0, 0, -1, 5},
     };
     const size_t ncases = sizeof cases / sizeof cases[0];
 

@@ -48,11 +48,17 @@ typedef struct fm_moe_align_params {
     int *expert_offsets;    /* [E + 1] out: first padded row of each expert, then the total */
     const float *slot_weight; /* [T * K] routing weights, read when sorted_weight is set */
     float *sorted_weight;   /* [max_rows] out or 0: routing weight per padded row, 0 for padding */
+    int *cursor;            /* [E] scratch: next free row of each expert (fm_moe_align_place) */
+    int *ticket;            /* [1] scratch: CTAs of fm_moe_align done; zero before the launch,
+                             * as expert_counts (both accumulate) */
     int slots;              /* T * K */
     int experts;
     int block_m;
     int max_tiles;          /* capacity of tile_expert (a bound the host computed) */
 } fm_moe_align_params;
+
+/* Routing slots per CTA of the two alignment kernels: threads x this many. */
+#define FM_MOE_ALIGN_PER_THREAD 8
 
 /* Grouped GEMM (both halves of the expert MLP). Row r of M-tile i is padded row
  * i * BLOCK_M + r. gemm1: A row = hidden[sorted_slot[row] / topk] (gathered; padding rows are

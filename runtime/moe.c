@@ -106,6 +106,9 @@ static fm_status check_ptr(const fm_context *ctx, const void *p, const char *nam
     return FM_OK;
 }
 
+/* Byte offsets inside the 256-byte block at moe_layout.num_tiles (the tile count is at 0). */
+enum { MOE_DYN_COUNTERS = 64, MOE_ALIGN_TICKET = 72 };
+
 typedef struct moe_layout {
     size_t ids, weights, num_tiles, counts, offsets, cursor, sorted, sorted_w, tile_expert, inter,
         buf, total;
@@ -135,9 +138,9 @@ static void layout_of(const fm_moe_args *a, moe_layout *l) {
     off += up256(slots * 4);
     l->weights = off;
     off += up256(slots * 4);
-    /* The real tile count; at +64 and +68 the dynamic schedule's tile counters, at +72 the
-     * alignment's ticket; the expert counts right after, so that one memset before each layer
-     * clears every counter that accumulates (MOE_ZEROED_INTS). */
+    /* The real tile count; at MOE_DYN_COUNTERS the dynamic schedule's two tile counters, at
+     * MOE_ALIGN_TICKET the alignment's ticket; the expert counts right after, so that one memset
+     * before each layer clears every counter that accumulates. */
     l->num_tiles = off;
     off += 256;
     l->counts = off;
@@ -477,7 +480,7 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     ap.slot_weight = weights;
     ap.sorted_weight = swap_pipe ? (float *)(ws + l.sorted_w) : NULL;
     ap.cursor = (int *)(ws + l.cursor);
-    ap.ticket = (int *)(ws + l.num_tiles + 72);
+    ap.ticket = (int *)(ws + l.num_tiles + MOE_ALIGN_TICKET);
     ap.slots = T * K;
     ap.experts = E;
     ap.block_m = bm;
@@ -505,8 +508,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     g1.expert_counts = ap.expert_counts;
     g1.expert_offsets = ap.expert_offsets;
     g1.sorted_weight = ap.sorted_weight;
-    /* two tile counters in the num_tiles block (256 bytes, one int used) */
-    int *counters = (int *)(ws + l.num_tiles + 64);
+    /* the dynamic schedule's two tile counters (see layout_of) */
+    int *counters = (int *)(ws + l.num_tiles + MOE_DYN_COUNTERS);
     g1.tile_counter = ws_dynamic ? counters : NULL;
 
     fm_moe_gemm_params g2 = g1;

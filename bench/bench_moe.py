@@ -261,7 +261,8 @@ def main():
                     help="another build of the library, timed interleaved with the others "
                          "(the A/B of a change; column ref_ms)")
     ap.add_argument("--profile", action="store_true",
-                    help="also print flashmoe's time per kernel (torch.profiler, 10 calls)")
+                    help="also print flashmoe's time per kernel (torch.profiler, 10 calls; "
+                         "the ref library's too with --ref-lib)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     E, K, H, I = PRESETS[args.preset]
@@ -324,6 +325,11 @@ def main():
         if reflib is not None:
             print("T=%-6d ref library %8.3f ms, this one / ref x%.3f"
                   % (T, tm["ref"][0], tm["flashmoe"][0] / tm["ref"][0]), flush=True)
+            if args.profile:
+                print("  per kernel, ref library:")
+                kernel_breakdown(lambda i: ref_layer(xs[i % NROT], ls[i % NROT], w13, w2, out_ref),
+                                 tm["ref"][0])
+                print("  per kernel, this library:")
             ref_layer = out_ref = None
         t_fm, n_fm, mhz_fm, w_fm = tm["flashmoe"]
         t_gm, n_gm, mhz_gm, w_gm = tm["grouped_mm"]

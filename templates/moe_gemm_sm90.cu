@@ -56,6 +56,10 @@
 #ifndef FM_MOE_WS
 #define FM_MOE_WS 0
 #endif
+/* pipes ws and swap: gemm1's last tile per CTA also leaves through the staged epilogue */
+#ifndef FM_MOE_STAGED_GEMM1
+#define FM_MOE_STAGED_GEMM1 1
+#endif
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ != 900 || !defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #error "moe_gemm_sm90.cu uses wgmma: compile it for sm_90a"

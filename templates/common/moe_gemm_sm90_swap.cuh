@@ -120,8 +120,15 @@ static_assert(kTN % kBoxRows == 0 && kTN % kStep == 0, "whole boxes and steps pe
 static_assert(16 * (kWStages + kXStages) <= 256, "barriers fit below the token table");
 static_assert(kXLag >= 1, "the token ring needs at least 3 stages");
 
-/* Named barriers: 1 + cw for consumer warpgroup cw's table, kBarGather for the gatherers. */
+/* Named barriers: 1 + cw for consumer warpgroup cw's table, kBarGather for the gatherers,
+ * kBarStaging for all consumers around a staged epilogue. */
 constexpr unsigned kBarGather = 4;
+constexpr unsigned kBarStaging = 5;
+/* Staged epilogue (a CTA's last tile): token rows of the tile's output columns in the freed
+ * rings, each row 16 bytes longer than its data (the 8 token rows of one store instruction then
+ * fall on distinct banks). */
+constexpr int kStagingRow1 = kWM + 16, kStagingRow2 = 2 * kWM + 16; /* bytes: gemm1, gemm2 */
+static_assert(kTN * kStagingRow2 <= kBarOffset, "the staged epilogue fits the rings");
 
 static __device__ __forceinline__ void st_shared_s32(unsigned addr, int v) {
     asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
@@ -288,6 +295,68 @@ static __device__ __forceinline__ void mainloop_n(int n, float (&acc)[kAccMax], 
     mainloop<N>(acc, rg, k_tiles, it, lane);
 }
 
+/* Epilogue through shared memory for a CTA's last tile (see moe_gemm_sm90_ws.cuh: 4-byte
+ * stores of 8 rows per instruction are 8 store requests each). Every consumer writes its values
+ * (the same ones the register epilogue stores) into token rows in the freed rings; after a
+ * barrier of all consumers each real token row leaves as one bulk copy (copy engine): gemm1 to
+ * its padded row of the intermediate, gemm2 to its slot's row. Called after the kBarStaging
+ * barrier that follows every consumer's last wgmma (and, gemm2, its slot/weight table). */
+template <bool GATED>
+static __device__ __forceinline__ void epilogue_staged(const fm_moe_gemm_params &p,
+                                                       const float (&acc)[kAccMax],
+                                                       unsigned s_base, unsigned meta,
+                                                       const tile &x, int n, int cw, int wtid) {
+    constexpr int kRow = GATED ? kStagingRow1 : kStagingRow2;
+    constexpr int kCols = GATED ? kWM / 2 : kWM;
+    const int warp = wtid / 32, lane = wtid % 32;
+    const int g = lane / 4, tq = lane % 4, odd = g & 1;
+    if (GATED) {
+        const int col = 32 * cw + 8 * warp + g - odd; /* in the tile */
+#pragma unroll
+        for (int i = 0; i < kAccMax / 4; ++i) {
+            if (8 * i >= n) break;
+            const float v0 = fm_moe::silu(acc[4 * i]) * acc[4 * i + 2];
+            const float v1 = fm_moe::silu(acc[4 * i + 1]) * acc[4 * i + 3];
+            const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+            const int tok = 8 * i + 2 * tq + odd;
+            st_shared_s32(s_base + (unsigned)(tok * kRow + 2 * col),
+                          (int)(odd ? fm_pack_elem2(r, v1) : fm_pack_elem2(v0, r)));
+        }
+    } else {
+        const int col0 = 64 * cw + 16 * warp + g - odd;
+#pragma unroll
+        for (int i = 0; i < kAccMax / 4; ++i) {
+            if (8 * i >= n) break;
+            const int tok = 8 * i + 2 * tq + odd;
+            const float w = __int_as_float(ld_shared_s32(meta + 4u * (unsigned)(kTN + tok)));
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
+                const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+                st_shared_s32(s_base + (unsigned)(tok * kRow + 2 * (col0 + 8 * h)),
+                              (int)fm_pack_elem2(w * (odd ? r : v0), w * (odd ? v1 : r)));
+            }
+        }
+    }
+    fm_fence_proxy_async(); /* the copy engine reads what the generic proxy wrote */
+    fm_bar_sync(kBarStaging, 128 * kConsumers);
+    const int cols = min(kCols, p.n - x.n_tile * kCols);
+    if (cols <= 0) return;
+    bool issued = false;
+    for (int r = wtid + 128 * cw; r < x.rows; r += 128 * kConsumers) {
+        const long long out_row = GATED ? (long long)(x.m0 + r)
+                                        : (long long)ld_shared_s32(meta + 4u * (unsigned)r);
+        if (out_row < 0) continue;
+        fm_bulk_store((fm_elem_t *)p.c + out_row * p.n + x.n_tile * kCols,
+                      s_base + (unsigned)(r * kRow), (unsigned)cols * 2u);
+        issued = true;
+    }
+    if (issued) {
+        fm_tma_store_commit();
+        fm_tma_store_wait_read<0>(); /* the shared memory goes with the CTA */
+    }
+}
+
 template <bool GATED>
 static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
                                                 int m_tiles, int total) {
@@ -309,6 +378,10 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
         const tile x = tile_at(p, t, m_tiles);
         const int n = (x.rows + kStep - 1) / kStep * kStep;
+        /* The CTA's last tile ends with the staged epilogue (gemm2 with fp32 atomics keeps the
+         * register one). Uniform in the CTA. */
+        const bool staged = (GATED ? FM_MOE_STAGED_GEMM1 != 0 : !p.atomic) &&
+                            t + (int)gridDim.x >= total;
         int m_slot[kMetaPer];
         float m_w[kMetaPer];
         if (!GATED) {
@@ -332,7 +405,13 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
                     st_shared_s32(meta + 4u * (unsigned)(kTN + r), __float_as_int(m_w[j]));
                 }
             }
-            fm_bar_sync(1 + cw, 128); /* this warpgroup's table is complete */
+            if (!staged) fm_bar_sync(1 + cw, 128); /* this warpgroup's table is complete */
+        }
+        if (staged) {
+            /* every consumer is past its last wgmma (the rings are free) and its table is done */
+            fm_bar_sync(kBarStaging, 128 * kConsumers);
+            epilogue_staged<GATED>(p, acc, s_base, meta, x, n, cw, wtid);
+            continue;
         }
 
         if (GATED) {

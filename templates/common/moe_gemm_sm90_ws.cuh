@@ -141,6 +141,9 @@ namespace fm_moe_ws {
 static __device__ __forceinline__ void fm_st_shared_s32(unsigned addr, int v) {
     asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
+static __device__ __forceinline__ void fm_st_shared_u32(unsigned addr, unsigned v) {
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
 static __device__ __forceinline__ int fm_ld_shared_s32(unsigned addr) {
     int v;
     asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
@@ -178,6 +181,13 @@ constexpr bool kDynamic = FM_WS_DYNAMIC != 0;
 constexpr int kTileRing = kBarOffset + 128;
 static_assert(kTileRing + 40 <= kStages * kStageBytes + 1024, "the tile ring fits the slack");
 constexpr unsigned kBarProducer = 8; /* named barrier of the gathering producer warpgroup */
+constexpr unsigned kBarStaging = 9;  /* named barrier of the consumers before a staged epilogue */
+/* Staged epilogue (a CTA's last tile, see epilogue_staged): each consumer warpgroup's 64 output
+ * rows in the ring, rows padded by 16 bytes. */
+constexpr int kOutCols1 = kBN / 2, kOutCols2 = kBN; /* output columns of a gemm1 / gemm2 tile */
+constexpr int kStagingRow1 = kOutCols1 * 2 + 16, kStagingRow2 = kOutCols2 * 2 + 16; /* bytes */
+static_assert(kConsumers * 64 * kStagingRow2 <= kStages * kStageBytes,
+              "the staged epilogue fits the ring");
 
 /* Dynamic schedule, producer side: thread 0 takes the next tile index once the consumers have
  * read the slot's previous one, publishes it; with `all` the warpgroup's other threads read it
@@ -343,6 +353,61 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
     }
 }
 
+/* Epilogue through shared memory, for a CTA's last tile (its producer copies nothing more, and
+ * the consumers have all waited for their last wgmma at the kBarStaging barrier, so the ring is
+ * free). The register epilogue (fm_moe_wgmma_epilogue) stores 4 bytes per thread per
+ * instruction: the 8 rows of a warp's instruction are 8 lines, so a 128 x 256 gemm2 tile takes
+ * 4096 store requests, next to about 32 k steps of products. Here each warp writes its 16 rows
+ * into shared memory (rows 16 bytes longer than the data, so the 8 rows of one instruction fall
+ * on distinct banks), then each row leaves as one bulk copy by the copy engine: gemm1 to its
+ * padded row of the intermediate, gemm2 (scaled by the routing weight) to its slot's row, padding
+ * rows skipped. Same values as the register epilogue. */
+template <bool GATED>
+static __device__ __forceinline__ void epilogue_staged(const fm_moe_gemm_params &p,
+                                                       const float (&acc)[kAcc], unsigned stage,
+                                                       int row0, int n_out0, int warp, int lane) {
+    constexpr int kRow = GATED ? kStagingRow1 : kStagingRow2;
+    const int g = lane / 4, tq = lane % 4;
+    const unsigned sw = stage + (unsigned)(warp * 16 * kRow);
+    int slot[2] = {0, 0};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const unsigned srow = sw + (unsigned)((g + 8 * h) * kRow + 4 * tq);
+        if (GATED) {
+#pragma unroll
+            for (int i = 0; i < kBN / 16; ++i) {
+                const int gi = 4 * i + 2 * h, ui = 4 * (i + kBN / 16) + 2 * h;
+                fm_st_shared_u32(srow + (unsigned)(16 * i),
+                                 fm_pack_elem2(fm_moe::silu(acc[gi]) * acc[ui],
+                                               fm_moe::silu(acc[gi + 1]) * acc[ui + 1]));
+            }
+        } else {
+            slot[h] = p.sorted_slot[row0 + warp * 16 + g + 8 * h];
+            const float w = slot[h] >= 0 ? p.slot_weight[slot[h]] : 0.f;
+#pragma unroll
+            for (int i = 0; i < kBN / 8; ++i)
+                fm_st_shared_u32(srow + (unsigned)(16 * i),
+                                 fm_pack_elem2(w * acc[4 * i + 2 * h], w * acc[4 * i + 2 * h + 1]));
+        }
+    }
+    fm_fence_proxy_async(); /* the copy engine reads what the generic proxy wrote */
+    __syncwarp();
+    /* lane r < 16 copies the warp's row r, written by lanes 4 (r % 8) .. (h = r / 8) */
+    const int s0 = __shfl_sync(0xffffffffu, slot[0], 4 * (lane & 7));
+    const int s1 = __shfl_sync(0xffffffffu, slot[1], 4 * (lane & 7));
+    const int cols = min(GATED ? kOutCols1 : kOutCols2, p.n - n_out0);
+    if (lane < 16 && cols > 0) {
+        const long long out_row = GATED ? (long long)(row0 + warp * 16 + lane)
+                                        : (long long)((lane & 8) ? s1 : s0);
+        if (out_row >= 0) {
+            fm_bulk_store((fm_elem_t *)p.c + out_row * p.n + n_out0, sw + (unsigned)(lane * kRow),
+                          (unsigned)cols * 2u);
+            fm_tma_store_commit();
+            fm_tma_store_wait_read<0>(); /* the shared memory goes with the CTA */
+        }
+    }
+}
+
 template <bool GATED>
 static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
                                                 int m_tiles, int total, bool shared, int m_own,
@@ -373,6 +438,10 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         /* Padding rows close each expert's range: a warpgroup whose first row is padding has
          * no real row. Warp-uniform (one load, same address), so wgmma stays converged. */
         const bool active = p.sorted_slot[row0] >= 0;
+        /* The CTA's last tile (static schedules: the next index is past the end) ends with the
+         * staged epilogue; gemm2 with fp32 atomics keeps the register one. Uniform in the CTA. */
+        const bool staged = !kDynamic && (GATED ? FM_MOE_STAGED_GEMM1 != 0 : !p.atomic) &&
+                            t + (int)gridDim.x >= total;
 
         if (!active) {
             for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -381,6 +450,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
                 __syncwarp();
                 if (lane == 0) release(bar_empty + 8 * s, shared);
             }
+            if (staged) fm_bar_sync(kBarStaging, 128 * kConsumers);
             continue;
         }
 
@@ -419,9 +489,17 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         fm_fence_regs(acc);
         if (lane == 0) release(bar_empty + 8 * prev_s, shared);
 
-        /* ---- epilogue from registers (fm_moe_wgmma_epilogue, moe_gemm_sm90.cu) ---- */
         const int n_out0 = n_tile * (GATED ? kBN / 2 : kBN);
-        fm_moe_wgmma_epilogue<GATED, kBN>(p, acc, row0 + warp * 16 + g, n_out0, tq);
+        if (staged) {
+            /* every consumer warpgroup is past its last wgmma: the ring is free */
+            fm_bar_sync(kBarStaging, 128 * kConsumers);
+            epilogue_staged<GATED>(p, acc,
+                                   s_base + (unsigned)(cw * 64 * (GATED ? kStagingRow1 : kStagingRow2)),
+                                   row0, n_out0, warp, lane);
+        } else {
+            /* ---- epilogue from registers (fm_moe_wgmma_epilogue, moe_gemm_sm90.cu) ---- */
+            fm_moe_wgmma_epilogue<GATED, kBN>(p, acc, row0 + warp * 16 + g, n_out0, tq);
+        }
     }
 }
 

@@ -220,6 +220,14 @@ static __device__ __forceinline__ void fm_tma_store_4d(const fm_tma_desc *d, uns
                  "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
                  : "memory");
 }
+/* 1-D bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to
+ * global memory by the copy engine, in the issuing thread's bulk group (commit and wait as for
+ * the tensor store). */
+static __device__ __forceinline__ void fm_bulk_store(void *dst, unsigned src, unsigned bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
+                 "r"(src), "r"(bytes)
+                 : "memory");
+}
 static __device__ __forceinline__ void fm_tma_store_commit(void) {
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }

@@ -186,6 +186,15 @@ constexpr unsigned kBarStaging = 9;  /* named barrier of the consumers before a 
  * rows in the ring, rows padded by 16 bytes. */
 constexpr int kOutCols1 = kBN / 2, kOutCols2 = kBN; /* output columns of a gemm1 / gemm2 tile */
 constexpr int kStagingRow1 = kOutCols1 * 2 + 16, kStagingRow2 = kOutCols2 * 2 + 16; /* bytes */
+/* Hybrid tile (FM_MOE_HYBRID): a warpgroup whose 64-row slab holds at most kHybridMax real rows
+ * (an expert's last, partial slab) runs it with the operands swapped; see mainloop_swapped. */
+#ifndef FM_MOE_HYBRID
+#define FM_MOE_HYBRID 1
+#endif
+constexpr bool kHybrid = FM_MOE_HYBRID != 0;
+constexpr int kHybridMax = 48;
+constexpr int kWBlocks = kBN / 64;          /* 64-row blocks of the weight stage */
+constexpr unsigned kBarHybrid = 10;         /* + cw: one consumer warpgroup's staged rows */
 static_assert(kConsumers * 64 * kStagingRow2 <= kStages * kStageBytes,
               "the staged epilogue fits the ring");
 
@@ -408,6 +417,174 @@ static __device__ __forceinline__ void epilogue_staged(const fm_moe_gemm_params 
     }
 }
 
+/* The k loop of a tile, tokens on the wgmma M side: per k step 4 m64nBNk16 (A = this
+ * warpgroup's 64 token rows, B = the weight stage), one group in flight behind the one issued,
+ * the previous step's stage released once its group is done. */
+static __device__ __forceinline__ void mainloop(float (&acc)[kAcc], unsigned long long a_desc0,
+                                                unsigned long long b_desc0, unsigned bar_full,
+                                                unsigned bar_empty, int k_tiles, int &it,
+                                                int lane, bool shared) {
+    constexpr unsigned kStageDesc = kStageBytes >> 4;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+    int prev_s = 0;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kStages;
+        fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
+        const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
+        const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
+        fm_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kBK / 16; ++ks) {
+            if constexpr (kSplitN == 1) {
+                fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
+                                                             bd + (unsigned)(2 * ks), 1);
+            } else {
+                /* two n128 halves: columns 0..127 are acc[0..63], 128..255 acc[64..127];
+                 * the second half's B rows start 128 rows (1024 descriptor units) on */
+                float(&lo)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[0]);
+                float(&hi)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[kAcc / 2]);
+                fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
+                    lo, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks), 1);
+                fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
+                    hi, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks + kBN / 2 * 8), 1);
+            }
+        }
+        fm_wgmma_commit();
+        /* The previous k-tile's group is done in this warp: its stage may be refilled. */
+        fm_wgmma_wait<1>();
+        if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
+        prev_s = s;
+    }
+    fm_wgmma_wait<0>();
+    fm_fence_regs(acc);
+    if (lane == 0) release(bar_empty + 8 * prev_s, shared);
+}
+
+/* The same k loop with the operands swapped, for a slab of at most N (16, 32 or 48) real token
+ * rows: weights on the M side (kWBlocks m64 blocks of the weight stage as A), the slab's first N
+ * token rows as B (N columns). Tokens on M pad the slab to 64 rows of products; here it costs
+ * N/64 of the multiply-adds (the stages are the same: the weight stage and the token slab are
+ * both K-major 128-byte-swizzled rows, valid as either operand). Block b of the weights
+ * accumulates into acc[b * N/2 ..]: d[4i + r] = weight row 64b + 16w + g + 8(r/2), token
+ * 8i + 2tq + r%2. */
+template <int N>
+static __device__ __forceinline__ void mainloop_swapped(float (&acc)[kWBlocks * N / 2],
+                                                        unsigned long long a_desc0,
+                                                        unsigned long long b_desc0,
+                                                        unsigned bar_full, unsigned bar_empty,
+                                                        int k_tiles, int &it, int lane,
+                                                        bool shared) {
+    constexpr unsigned kStageDesc = kStageBytes >> 4;
+    constexpr unsigned kBlockDesc = (64 * kRowBytes) >> 4;
+#pragma unroll
+    for (int i = 0; i < kWBlocks * N / 2; ++i) acc[i] = 0.f;
+    int prev_s = 0;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kStages;
+        fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
+        const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
+        const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
+        fm_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kBK / 16; ++ks) {
+#pragma unroll
+            for (int b = 0; b < kWBlocks; ++b) {
+                float(&d)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&acc[b * (N / 2)]);
+                fm_wgmma<N>::template ss<FM_DTYPE_BF16, 0>(
+                    d, bd + (unsigned)(b * kBlockDesc + 2 * ks), ad + (unsigned)(2 * ks), 1);
+            }
+        }
+        fm_wgmma_commit();
+        fm_wgmma_wait<1>();
+        if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
+        prev_s = s;
+    }
+    fm_wgmma_wait<0>();
+    fm_fence_regs(acc);
+    if (lane == 0) release(bar_empty + 8 * prev_s, shared);
+}
+
+/* Staged epilogue of a swapped slab (the CTA's last tile; called after kBarStaging): the values
+ * are those of epilogue_staged, transposed: a thread holds weight rows (output columns) g, g+8
+ * of its warp's 16 per block for tokens 8i + 2tq + {0, 1}; neighbours g and g^1 swap one value so
+ * that each writes two adjacent columns of one token (as pipe = swap does). The token rows span
+ * the warpgroup's four warps, so it meets at a named barrier before the per-row bulk copies. */
+template <bool GATED, int N>
+static __device__ __forceinline__ void epilogue_swapped(const fm_moe_gemm_params &p,
+                                                        const float (&acc)[kWBlocks * N / 2],
+                                                        unsigned stage,
+                                                        int row0, int rows, int n_out0, int cw,
+                                                        int wtid) {
+    constexpr int kRow = GATED ? kStagingRow1 : kStagingRow2;
+    constexpr int kOut = GATED ? kWBlocks / 2 : kWBlocks; /* blocks of output columns */
+    const int warp = wtid / 32, lane = wtid % 32;
+    const int g = lane / 4, tq = lane % 4, odd = g & 1;
+    float wt[N / 8];
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) {
+        wt[i] = 1.f;
+        if (!GATED) {
+            const int tok = 8 * i + 2 * tq + odd;
+            const int slot = tok < rows ? p.sorted_slot[row0 + tok] : -1;
+            wt[i] = slot >= 0 ? p.slot_weight[slot] : 0.f;
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < kOut; ++b) {
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i) {
+            const int tok = 8 * i + 2 * tq + odd;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int j = b * (N / 2) + 4 * i + 2 * h;
+                float v0, v1; /* tokens 8i + 2tq and + 1, weight row g + 8h */
+                if (GATED) {
+                    const int u = j + (kWBlocks / 2) * (N / 2); /* the up rows of the columns */
+                    v0 = fm_moe::silu(acc[j]) * acc[u];
+                    v1 = fm_moe::silu(acc[j + 1]) * acc[u + 1];
+                } else {
+                    v0 = acc[j];
+                    v1 = acc[j + 1];
+                }
+                const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+                const float w = wt[i];
+                const int col = 64 * b + 16 * warp + 8 * h + g - odd;
+                fm_st_shared_u32(stage + (unsigned)(tok * kRow + 2 * col),
+                                 odd ? fm_pack_elem2(w * r, w * v1) : fm_pack_elem2(w * v0, w * r));
+            }
+        }
+    }
+    fm_fence_proxy_async();
+    fm_bar_sync(kBarHybrid + (unsigned)cw, 128);
+    const int cols = min(GATED ? kOutCols1 : kOutCols2, p.n - n_out0);
+    if (wtid < rows && cols > 0) {
+        const long long out_row =
+            GATED ? (long long)(row0 + wtid) : (long long)p.sorted_slot[row0 + wtid];
+        if (out_row >= 0) {
+            fm_bulk_store((fm_elem_t *)p.c + out_row * p.n + n_out0,
+                          stage + (unsigned)(wtid * kRow), (unsigned)cols * 2u);
+            fm_tma_store_commit();
+            fm_tma_store_wait_read<0>(); /* the shared memory goes with the CTA */
+        }
+    }
+}
+
+/* One swapped slab end to end, with its own accumulators: a path that shares no accumulator
+ * registers with the m64nBN one (sharing them, ptxas serialised every wgmma: C7511). */
+template <bool GATED, int N>
+static __device__ __forceinline__ void slab_swapped(const fm_moe_gemm_params &p,
+                                                    unsigned long long a_desc0,
+                                                    unsigned long long b_desc0, unsigned bar_full,
+                                                    unsigned bar_empty, int k_tiles, int &it,
+                                                    bool shared, unsigned stage, int row0,
+                                                    int rows, int n_out0, int cw, int wtid) {
+    float d[kWBlocks * N / 2];
+    mainloop_swapped<N>(d, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, wtid % 32, shared);
+    fm_bar_sync(kBarStaging, 128 * kConsumers); /* every consumer is past its last wgmma */
+    epilogue_swapped<GATED, N>(p, d, stage, row0, rows, n_out0, cw, wtid);
+}
+
 template <bool GATED>
 static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, unsigned s_base,
                                                 int m_tiles, int total, bool shared, int m_own,
@@ -424,9 +601,7 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
     const unsigned long long a_desc0 =
         fm_wgmma_desc_sw128(s_base + (unsigned)(cw * 64 * kRowBytes), 16, 1024);
     const unsigned long long b_desc0 = fm_wgmma_desc_sw128(s_base + kABytes, 16, 1024);
-    constexpr unsigned kStageDesc = kStageBytes >> 4;
 
-    float acc[kAcc];
     int it = 0;
     for (int i = 0, t = (int)blockIdx.x;; ++i, t += kDynamic ? 0 : (int)gridDim.x) {
         if constexpr (kDynamic) t = take_tile(s_base, i, lane);
@@ -454,48 +629,33 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
             continue;
         }
 
-#pragma unroll
-        for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-        int prev_s = 0;
-        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-            const int s = it % kStages;
-            fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
-            const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
-            const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
-            fm_wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kBK / 16; ++ks) {
-                if constexpr (kSplitN == 1) {
-                    fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
-                                                                 bd + (unsigned)(2 * ks), 1);
-                } else {
-                    /* two n128 halves: columns 0..127 are acc[0..63], 128..255 acc[64..127];
-                     * the second half's B rows start 128 rows (1024 descriptor units) on */
-                    float(&lo)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[0]);
-                    float(&hi)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[kAcc / 2]);
-                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
-                        lo, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks), 1);
-                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
-                        hi, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks + kBN / 2 * 8), 1);
-                }
-            }
-            fm_wgmma_commit();
-            /* The previous k-tile's group is done in this warp: its stage may be refilled. */
-            fm_wgmma_wait<1>();
-            if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
-            prev_s = s;
+        /* Real rows of this warpgroup's slab (the hybrid tile needs the staged epilogue). */
+        int rows = 64;
+        if (kHybrid && staged) {
+            const int e = p.tile_expert[m_tile];
+            rows = min(64, p.expert_offsets[e] + p.expert_counts[e] - row0);
         }
-        fm_wgmma_wait<0>();
-        fm_fence_regs(acc);
-        if (lane == 0) release(bar_empty + 8 * prev_s, shared);
-
+        const int hn = (rows + 15) / 16 * 16; /* the swapped products' N */
         const int n_out0 = n_tile * (GATED ? kBN / 2 : kBN);
+        const unsigned stage = s_base + (unsigned)(cw * 64 * (GATED ? kStagingRow1 : kStagingRow2));
+        if (kHybrid && staged && hn <= kHybridMax) {
+            if (hn == 16)
+                slab_swapped<GATED, 16>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
+                                        shared, stage, row0, rows, n_out0, cw, wtid);
+            else if (hn == 32)
+                slab_swapped<GATED, 32>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
+                                        shared, stage, row0, rows, n_out0, cw, wtid);
+            else
+                slab_swapped<GATED, 48>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
+                                        shared, stage, row0, rows, n_out0, cw, wtid);
+            continue;
+        }
+        float acc[kAcc];
+        mainloop(acc, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane, shared);
         if (staged) {
             /* every consumer warpgroup is past its last wgmma: the ring is free */
             fm_bar_sync(kBarStaging, 128 * kConsumers);
-            epilogue_staged<GATED>(p, acc,
-                                   s_base + (unsigned)(cw * 64 * (GATED ? kStagingRow1 : kStagingRow2)),
-                                   row0, n_out0, warp, lane);
+            epilogue_staged<GATED>(p, acc, stage, row0, n_out0, warp, lane);
         } else {
             /* ---- epilogue from registers (fm_moe_wgmma_epilogue, moe_gemm_sm90.cu) ---- */
             fm_moe_wgmma_epilogue<GATED, kBN>(p, acc, row0 + warp * 16 + g, n_out0, tq);

@@ -46,7 +46,15 @@ typedef struct moe_case {
     int quantize;    /* logits (and bias) on a coarse grid: many exact ties */
     int dead_expert; /* >= 0: this expert's logit is -30 for every token (receives nothing) */
     int hot_expert;  /* >= 0: this expert's logit is +30 for every token (receives everything) */
+    int slab_widths; /* 1: E = 16, K = 1, expert e gets exactly kSlabCounts[e] tokens (see there) */
 } moe_case;
+
+/* Expert loads around every width the warp-specialised GEMMs treat differently: an expert's last
+ * 64-row slab of at most 48 rows runs with the operands swapped at N = 16, 32 or 48 (the hybrid
+ * tile), 49..64 rows run as usual; 65, 129, 176 and 177 put that slab in a second 128-row tile,
+ * alone or behind a full one. T = their sum (1061). */
+static const int kSlabCounts[16] = {1,  16, 17, 31, 32, 33,  47,  48,
+                                    49, 63, 64, 65, 113, 129, 176, 177};
 
 /* ---- host random numbers ------------------------------------------------------------------ */
 static unsigned long long rng_state;
@@ -244,6 +252,11 @@ static int data_init(fm_context *ctx, moe_data *m, const moe_case *c) {
         if (c->dead_expert >= 0) m->logits[t * E + (size_t)c->dead_expert] = -30.0f;
         if (c->hot_expert >= 0) m->logits[t * E + (size_t)c->hot_expert] = 30.0f;
     }
+    if (c->slab_widths) {
+        size_t t = 0;
+        for (size_t e = 0; e < 16 && e < E; e++)
+            for (int j = 0; j < kSlabCounts[e] && t < T; j++, t++) m->logits[t * E + e] = 30.0f;
+    }
     fm_moe_args *a = &m->a;
     a->dtype = c->dt;
     a->tokens = c->T;
@@ -368,6 +381,13 @@ static void run_and_check(fm_context *ctx, moe_data *m, const fm_loaded *k, cons
           hot_missing);
     if (near) printf("  %s [%s]: %d tokens resolved a near-tie differently (accepted)\n", c->name,
                      label, near);
+    if (c->slab_widths) { /* the loads the case is about really happened */
+        int load[16] = {0}, off = 0;
+        for (size_t i = 0; i < T * K; i++)
+            if (ids[i] >= 0 && ids[i] < 16) load[ids[i]]++;
+        for (int e = 0; e < 16; e++) off += load[e] != kSlabCounts[e];
+        CHECK(off == 0, "%s [%s]: %d experts did not get their designed load", c->name, label, off);
+    }
 
     /* B: the layer, with the GPU's (validated) routing and float64 weights */
     if (id_bad == 0) {
@@ -631,25 +651,28 @@ int main(void) {
     printf("device %s (sm_%d, %d SMs), seed %llu\n", ctx->device_name, ctx->arch, ctx->sm_count,
            rng_state);
     const fm_dtype BF = FM_DTYPE_BF16, FP = FM_DTYPE_FP16;
-    /* name dt T H I E K routing renorm n_group topk_group scale bias quantize dead hot */
+    /* name dt T H I E K routing renorm n_group topk_group scale bias quantize dead hot slabs */
     const moe_case cases[] = {
-        {"t1_softmax", BF, 1, 128, 64, 8, 2, 0, 1, 0, 0, 0, 0, 0, -1, -1},
-        {"t3_sigmoid_grouped", FP, 3, 64, 128, 16, 4, 1, 1, 4, 2, 2.5f, 1, 0, -1, -1},
-        {"t1_fp16_norenorm", FP, 1, 64, 64, 4, 1, 0, 0, 0, 0, 0, 0, 0, -1, -1},
-        {"empty_expert", BF, 37, 192, 128, 8, 2, 0, 0, 0, 0, 0, 0, 0, 5, -1},
-        {"all_to_one_expert", FP, 300, 128, 192, 4, 1, 0, 1, 0, 0, 0, 0, 0, -1, 2},
-        {"hot_expert_k2", BF, 200, 64, 64, 16, 2, 0, 1, 0, 0, 0, 0, 0, 3, 7},
-        {"deepseek_like", BF, 160, 256, 128, 64, 6, 1, 1, 8, 3, 2.5f, 1, 0, -1, -1},
-        {"sigmoid_nogroups", FP, 50, 128, 64, 32, 4, 1, 1, 1, 1, 1.0f, 0, 0, -1, -1},
-        {"e512_k16", BF, 5, 64, 64, 512, 16, 0, 1, 0, 0, 0, 0, 0, -1, -1},
-        {"ties_softmax", BF, 64, 64, 64, 32, 8, 0, 1, 0, 0, 0, 0, 1, -1, -1},
-        {"ties_sigmoid", FP, 64, 64, 64, 32, 8, 1, 1, 4, 2, 1.0f, 1, 1, -1, -1},
-        {"multi_tile", FP, 300, 512, 256, 16, 4, 0, 1, 0, 0, 0, 0, 0, -1, -1},
-        {"multi_tile_bf16", BF, 300, 512, 256, 16, 4, 0, 1, 0, 0, 0, 0, 0, -1, -1},
+        {"t1_softmax", BF, 1, 128, 64, 8, 2, 0, 1, 0, 0, 0, 0, 0, -1, -1, 0},
+        {"t3_sigmoid_grouped", FP, 3, 64, 128, 16, 4, 1, 1, 4, 2, 2.5f, 1, 0, -1, -1, 0},
+        {"t1_fp16_norenorm", FP, 1, 64, 64, 4, 1, 0, 0, 0, 0, 0, 0, 0, -1, -1, 0},
+        {"empty_expert", BF, 37, 192, 128, 8, 2, 0, 0, 0, 0, 0, 0, 0, 5, -1, 0},
+        {"all_to_one_expert", FP, 300, 128, 192, 4, 1, 0, 1, 0, 0, 0, 0, 0, -1, 2, 0},
+        {"hot_expert_k2", BF, 200, 64, 64, 16, 2, 0, 1, 0, 0, 0, 0, 0, 3, 7, 0},
+        {"deepseek_like", BF, 160, 256, 128, 64, 6, 1, 1, 8, 3, 2.5f, 1, 0, -1, -1, 0},
+        {"sigmoid_nogroups", FP, 50, 128, 64, 32, 4, 1, 1, 1, 1, 1.0f, 0, 0, -1, -1, 0},
+        {"e512_k16", BF, 5, 64, 64, 512, 16, 0, 1, 0, 0, 0, 0, 0, -1, -1, 0},
+        {"ties_softmax", BF, 64, 64, 64, 32, 8, 0, 1, 0, 0, 0, 0, 1, -1, -1, 0},
+        {"ties_sigmoid", FP, 64, 64, 64, 32, 8, 1, 1, 4, 2, 1.0f, 1, 1, -1, -1, 0},
+        {"multi_tile", FP, 300, 512, 256, 16, 4, 0, 1, 0, 0, 0, 0, 0, -1, -1, 0},
+        {"multi_tile_bf16", BF, 300, 512, 256, 16, 4, 0, 1, 0, 0, 0, 0, 0, -1, -1, 0},
         /* more slots than one CTA of the alignment takes (2048): counts added from three CTAs,
          * rows placed by three; then every slot of several CTAs on one expert */
-        {"align_3_ctas", BF, 700, 128, 64, 64, 8, 0, 1, 0, 0, 0, 0, 0, 9, -1},
-        {"align_all_to_one", FP, 4500, 64, 64, 8, 1, 0, 1, 0, 0, 0, 0, 0, -1, 5},
+        {"align_3_ctas", BF, 700, 128, 64, 64, 8, 0, 1, 0, 0, 0, 0, 0, 9, -1, 0},
+        {"align_all_to_one", FP, 4500, 64, 64, 8, 1, 0, 1, 0, 0, 0, 0, 0, -1, 5, 0},
+        /* every width of an expert's last slab (hybrid tile and its edges), in both dtypes */
+        {"slab_widths", BF, 1061, 128, 128, 16, 1, 0, 1, 0, 0, 0, 0, 0, -1, -1, 1},
+        {"slab_widths_fp16", FP, 1061, 192, 64, 16, 1, 0, 1, 0, 0, 0, 0, 0, -1, -1, 1},
     };
     const size_t ncases = sizeof cases / sizeof cases[0];
 
@@ -662,8 +685,8 @@ int main(void) {
 
     /* C: configurations spanning the axes, on shapes with several tiles per expert */
     const moe_case sweep[] = {
-        {"sweep_bf16", BF, 257, 192, 320, 8, 2, 0, 1, 0, 0, 0, 0, 0, 6, -1},
-        {"sweep_fp16", FP, 3, 128, 128, 8, 2, 1, 1, 2, 1, 2.0f, 1, 0, -1, -1},
+        {"sweep_bf16", BF, 257, 192, 320, 8, 2, 0, 1, 0, 0, 0, 0, 0, 6, -1, 0},
+        {"sweep_fp16", FP, 3, 128, 128, 8, 2, 1, 1, 2, 1, 2.0f, 1, 0, -1, -1, 0},
     };
     const char *all = getenv("FM_TEST_MOE_ALL");
     for (size_t i = 0; i < sizeof sweep / sizeof sweep[0]; i++) {

@@ -12,6 +12,17 @@ static __device__ __forceinline__ float silu(float g) {
     return g / (1.0f + fm_exp2(-g * FM_LOG2E));
 }
 
+/* Operands swapped (weights on the wgmma M side, tokens on N), a thread holds for weight row g
+ * (an output column) the values of tokens 2tq and 2tq + 1 (v0, v1). Lanes g and g^1 exchange one
+ * value, so that each ends with two adjacent output columns of one token, 2tq + odd (odd = g & 1):
+ * lo for column g - odd, hi for g - odd + 1. Every lane of the warp must call it. */
+static __device__ __forceinline__ void swap_pair(float v0, float v1, int odd, float &lo,
+                                                 float &hi) {
+    const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+    lo = odd ? r : v0;
+    hi = odd ? v1 : r;
+}
+
 /* acc[0..1] += (a, b): one vector reduction on sm_90, two scalar ones before. 8-byte aligned. */
 static __device__ __forceinline__ void red_add_f32x2(float *addr, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

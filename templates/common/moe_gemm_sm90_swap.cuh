@@ -315,12 +315,11 @@ static __device__ __forceinline__ void epilogue_staged(const fm_moe_gemm_params 
 #pragma unroll
         for (int i = 0; i < kAccMax / 4; ++i) {
             if (8 * i >= n) break;
-            const float v0 = fm_moe::silu(acc[4 * i]) * acc[4 * i + 2];
-            const float v1 = fm_moe::silu(acc[4 * i + 1]) * acc[4 * i + 3];
-            const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+            float lo, hi;
+            fm_moe::swap_pair(fm_moe::silu(acc[4 * i]) * acc[4 * i + 2],
+                              fm_moe::silu(acc[4 * i + 1]) * acc[4 * i + 3], odd, lo, hi);
             const int tok = 8 * i + 2 * tq + odd;
-            st_shared_s32(s_base + (unsigned)(tok * kRow + 2 * col),
-                          (int)(odd ? fm_pack_elem2(r, v1) : fm_pack_elem2(v0, r)));
+            st_shared_s32(s_base + (unsigned)(tok * kRow + 2 * col), (int)fm_pack_elem2(lo, hi));
         }
     } else {
         const int col0 = 64 * cw + 16 * warp + g - odd;
@@ -331,10 +330,10 @@ static __device__ __forceinline__ void epilogue_staged(const fm_moe_gemm_params 
             const float w = __int_as_float(ld_shared_s32(meta + 4u * (unsigned)(kTN + tok)));
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
-                const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+                float lo, hi;
+                fm_moe::swap_pair(acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1], odd, lo, hi);
                 st_shared_s32(s_base + (unsigned)(tok * kRow + 2 * (col0 + 8 * h)),
-                              (int)fm_pack_elem2(w * (odd ? r : v0), w * (odd ? v1 : r)));
+                              (int)fm_pack_elem2(w * lo, w * hi));
             }
         }
     }
@@ -421,13 +420,12 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
 #pragma unroll
             for (int i = 0; i < kAccMax / 4; ++i) {
                 if (8 * i >= n) break;
-                const float v0 = fm_moe::silu(acc[4 * i]) * acc[4 * i + 2];
-                const float v1 = fm_moe::silu(acc[4 * i + 1]) * acc[4 * i + 3];
-                const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+                float lo, hi;
+                fm_moe::swap_pair(fm_moe::silu(acc[4 * i]) * acc[4 * i + 2],
+                                  fm_moe::silu(acc[4 * i + 1]) * acc[4 * i + 3], odd, lo, hi);
                 const int tok = 8 * i + 2 * tq + odd;
                 if (tok < x.rows && col < p.n)
-                    *(unsigned *)(C + (long long)(x.m0 + tok) * p.n + col) =
-                        odd ? fm_pack_elem2(r, v1) : fm_pack_elem2(v0, r);
+                    *(unsigned *)(C + (long long)(x.m0 + tok) * p.n + col) = fm_pack_elem2(lo, hi);
             }
         } else {
             const int col0 = x.n_tile * kWM + 64 * cw + 16 * warp + g - odd;
@@ -439,9 +437,10 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
                 const float w = __int_as_float(ld_shared_s32(meta + 4u * (unsigned)(kTN + tok)));
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
-                    const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
-                    const float lo = w * (odd ? r : v0), hi = w * (odd ? v1 : r);
+                    float lo, hi;
+                    fm_moe::swap_pair(acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1], odd, lo, hi);
+                    lo *= w;
+                    hi *= w;
                     const int col = col0 + 8 * h;
                     if (slot < 0 || col >= p.n) continue;
                     if (p.atomic)

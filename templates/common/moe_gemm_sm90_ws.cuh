@@ -417,9 +417,31 @@ static __device__ __forceinline__ void epilogue_staged(const fm_moe_gemm_params 
     }
 }
 
-/* The k loop of a tile, tokens on the wgmma M side: per k step 4 m64nBNk16 (A = this
- * warpgroup's 64 token rows, B = the weight stage), one group in flight behind the one issued,
- * the previous step's stage released once its group is done. */
+/* The k loop of a tile: per k step, wait for the stage and issue its products (issue(stage)),
+ * one group in flight behind the one issued; the previous step's stage is released once its
+ * group is done in this warp, the last one after the final wait. The caller fences its
+ * accumulators afterwards. */
+template <class Issue>
+static __device__ __forceinline__ void kloop(const Issue &issue, unsigned bar_full,
+                                             unsigned bar_empty, int k_tiles, int &it, int lane,
+                                             bool shared) {
+    int prev_s = 0;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kStages;
+        fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
+        fm_wgmma_fence();
+        issue(s);
+        fm_wgmma_commit();
+        fm_wgmma_wait<1>();
+        if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
+        prev_s = s;
+    }
+    fm_wgmma_wait<0>();
+    if (lane == 0) release(bar_empty + 8 * prev_s, shared);
+}
+
+/* A tile with the tokens on the wgmma M side: per k step 4 m64nBNk16 (A = this warpgroup's 64
+ * token rows, B = the weight stage). */
 static __device__ __forceinline__ void mainloop(float (&acc)[kAcc], unsigned long long a_desc0,
                                                 unsigned long long b_desc0, unsigned bar_full,
                                                 unsigned bar_empty, int k_tiles, int &it,
@@ -427,41 +449,32 @@ static __device__ __forceinline__ void mainloop(float (&acc)[kAcc], unsigned lon
     constexpr unsigned kStageDesc = kStageBytes >> 4;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-    int prev_s = 0;
-    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int s = it % kStages;
-        fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
-        const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
-        const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
-        fm_wgmma_fence();
+    kloop(
+        [&](int s) {
+            const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
+            const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
 #pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks) {
-            if constexpr (kSplitN == 1) {
-                fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
-                                                             bd + (unsigned)(2 * ks), 1);
-            } else {
-                /* two n128 halves: columns 0..127 are acc[0..63], 128..255 acc[64..127];
-                 * the second half's B rows start 128 rows (1024 descriptor units) on */
-                float(&lo)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[0]);
-                float(&hi)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[kAcc / 2]);
-                fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
-                    lo, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks), 1);
-                fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
-                    hi, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks + kBN / 2 * 8), 1);
+            for (int ks = 0; ks < kBK / 16; ++ks) {
+                if constexpr (kSplitN == 1) {
+                    fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
+                                                                 bd + (unsigned)(2 * ks), 1);
+                } else {
+                    /* two n128 halves: columns 0..127 are acc[0..63], 128..255 acc[64..127];
+                     * the second half's B rows start 128 rows (1024 descriptor units) on */
+                    float(&lo)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[0]);
+                    float(&hi)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[kAcc / 2]);
+                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
+                        lo, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks), 1);
+                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
+                        hi, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks + kBN / 2 * 8), 1);
+                }
             }
-        }
-        fm_wgmma_commit();
-        /* The previous k-tile's group is done in this warp: its stage may be refilled. */
-        fm_wgmma_wait<1>();
-        if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
-        prev_s = s;
-    }
-    fm_wgmma_wait<0>();
+        },
+        bar_full, bar_empty, k_tiles, it, lane, shared);
     fm_fence_regs(acc);
-    if (lane == 0) release(bar_empty + 8 * prev_s, shared);
 }
 
-/* The same k loop with the operands swapped, for a slab of at most N (16, 32 or 48) real token
+/* The same stages with the operands swapped, for a slab of at most N (16, 32 or 48) real token
  * rows: weights on the M side (kWBlocks m64 blocks of the weight stage as A), the slab's first N
  * token rows as B (N columns). Tokens on M pad the slab to 64 rows of products; here it costs
  * N/64 of the multiply-adds (the stages are the same: the weight stage and the token slab are
@@ -479,30 +492,22 @@ static __device__ __forceinline__ void mainloop_swapped(float (&acc)[kWBlocks * 
     constexpr unsigned kBlockDesc = (64 * kRowBytes) >> 4;
 #pragma unroll
     for (int i = 0; i < kWBlocks * N / 2; ++i) acc[i] = 0.f;
-    int prev_s = 0;
-    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int s = it % kStages;
-        fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
-        const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
-        const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
-        fm_wgmma_fence();
+    kloop(
+        [&](int s) {
+            const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
+            const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
 #pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks) {
+            for (int ks = 0; ks < kBK / 16; ++ks) {
 #pragma unroll
-            for (int b = 0; b < kWBlocks; ++b) {
-                float(&d)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&acc[b * (N / 2)]);
-                fm_wgmma<N>::template ss<FM_DTYPE_BF16, 0>(
-                    d, bd + (unsigned)(b * kBlockDesc + 2 * ks), ad + (unsigned)(2 * ks), 1);
+                for (int b = 0; b < kWBlocks; ++b) {
+                    float(&d)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&acc[b * (N / 2)]);
+                    fm_wgmma<N>::template ss<FM_DTYPE_BF16, 0>(
+                        d, bd + (unsigned)(b * kBlockDesc + 2 * ks), ad + (unsigned)(2 * ks), 1);
+                }
             }
-        }
-        fm_wgmma_commit();
-        fm_wgmma_wait<1>();
-        if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
-        prev_s = s;
-    }
-    fm_wgmma_wait<0>();
+        },
+        bar_full, bar_empty, k_tiles, it, lane, shared);
     fm_fence_regs(acc);
-    if (lane == 0) release(bar_empty + 8 * prev_s, shared);
 }
 
 /* Staged epilogue of a swapped slab (the CTA's last tile; called after kBarStaging): the values
@@ -547,11 +552,11 @@ static __device__ __forceinline__ void epilogue_swapped(const fm_moe_gemm_params
                     v0 = acc[j];
                     v1 = acc[j + 1];
                 }
-                const float r = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
-                const float w = wt[i];
+                float lo, hi;
+                fm_moe::swap_pair(v0, v1, odd, lo, hi);
                 const int col = 64 * b + 16 * warp + 8 * h + g - odd;
                 fm_st_shared_u32(stage + (unsigned)(tok * kRow + 2 * col),
-                                 odd ? fm_pack_elem2(w * r, w * v1) : fm_pack_elem2(w * v0, w * r));
+                                 fm_pack_elem2(wt[i] * lo, wt[i] * hi));
             }
         }
     }

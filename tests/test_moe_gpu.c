@@ -136,6 +136,39 @@ static void cpu_weights(const moe_case *c, const float *row, const int *ids, dou
  * Scores made from equal inputs are exact ties that both sides break toward the lower index; but
  * scores from different inputs that the CPU rounds to the same float (sigmoid saturates) may
  * differ by an ulp on the GPU, so they count as near ties. */
+/* The (logit, bias) pairs of a group's two best choice scores (lower index first on ties), the
+ * inputs of its group score. */
+static void group_top2(const float *row, const float *bias, const float *score, int gs, int g,
+                       float in[2][2]) {
+    int b1 = -1, b2 = -1;
+    for (int e = g * gs; e < (g + 1) * gs; e++) {
+        if (b1 < 0 || score[e] > score[b1]) {
+            b2 = b1;
+            b1 = e;
+        } else if (b2 < 0 || score[e] > score[b2]) {
+            b2 = e;
+        }
+    }
+    const int top[2] = {b1, b2 >= 0 ? b2 : b1};
+    for (int k = 0; k < 2; k++) {
+        in[k][0] = row[top[k]];
+        in[k][1] = bias ? bias[top[k]] : 0.f;
+    }
+}
+
+/* Do groups i and j score from the same inputs (as multisets of (logit, bias) pairs)? */
+static int same_group_inputs(const float *row, const float *bias, const float *score, int gs,
+                             int i, int j) {
+    float a[2][2], b[2][2];
+    group_top2(row, bias, score, gs, i, a);
+    group_top2(row, bias, score, gs, j, b);
+    const int same = a[0][0] == b[0][0] && a[0][1] == b[0][1] && a[1][0] == b[1][0] &&
+                     a[1][1] == b[1][1];
+    const int crossed = a[0][0] == b[1][0] && a[0][1] == b[1][1] && a[1][0] == b[0][0] &&
+                        a[1][1] == b[0][1];
+    return same || crossed;
+}
+
 static int near_tie_valid(const moe_case *c, const float *row, const float *bias,
                           const float *score, const float *gscore, const int *gpu_ids) {
     const float eps = 2e-6f;
@@ -147,35 +180,61 @@ static int near_tie_valid(const moe_case *c, const float *row, const float *bias
             int same_inputs = row[i] == row[j] && (!bias || bias[i] == bias[j]);
             if (d <= eps && (d > 0 || !same_inputs)) ambiguous = 1;
         }
+    /* Group scores likewise: equal only because the CPU rounded two different sums of different
+     * inputs to the same float, they may differ by an ulp on the GPU (its expf is not the C
+     * library's); equal sums of the same inputs are exact ties. */
     for (int i = 0; i < ng && !ambiguous; i++)
         for (int j = i + 1; j < ng; j++) {
             float d = fabsf(gscore[i] - gscore[j]);
             if (d > 0 && d <= eps) ambiguous = 1;
+            if (d == 0 && !same_group_inputs(row, bias, score, gs, i, j)) ambiguous = 1;
         }
     if (!ambiguous) return 0;
-    /* groups within eps of the topk_group-th best are eligible */
-    float sorted[FM_MOE_MAX_GROUPS];
-    memcpy(sorted, gscore, sizeof(float) * (size_t)ng);
-    for (int i = 0; i < ng; i++)
-        for (int j = i + 1; j < ng; j++)
-            if (sorted[j] > sorted[i]) {
-                float t = sorted[i];
-                sorted[i] = sorted[j];
-                sorted[j] = t;
-            }
-    float gcut = ng > 1 ? sorted[c->topk_group - 1] - eps : -INFINITY;
-    int chosen[FM_MOE_MAX_EXPERTS] = {0};
+    int chosen[FM_MOE_MAX_EXPERTS] = {0}, in_g[FM_MOE_MAX_GROUPS] = {0};
     float min_chosen = INFINITY;
+    int n_g = 0;
     for (int k = 0; k < c->K; k++) {
         int e = gpu_ids[k];
         if (e < 0 || e >= c->E || chosen[e]) return 0;
-        if (ng > 1 && gscore[e / gs] < gcut) return 0;
         chosen[e] = 1;
         min_chosen = fminf(min_chosen, score[e]);
+        if (!in_g[e / gs]) n_g++;
+        in_g[e / gs] = 1;
     }
-    for (int e = 0; e < c->E; e++)
-        if (!chosen[e] && (ng == 1 || gscore[e / gs] >= gcut) && score[e] > min_chosen + eps)
-            return 0;
+    if (ng == 1) { /* every expert was eligible: the set must be the top K within eps */
+        for (int e = 0; e < c->E; e++)
+            if (!chosen[e] && score[e] > min_chosen + eps) return 0;
+        return 1;
+    }
+    /* Grouped: the GPU kept some set S of topk_group groups, containing the groups of its
+     * choices (and possibly groups it kept but took nothing from). S is valid if no group
+     * outside it scores more than eps above S's weakest, and no expert left in S scores more
+     * than eps above the weakest choice. Groups that are alternatives to each other (a near
+     * tie) are not all required at once: S is completed from the groups the choices allow. */
+    if (n_g > c->topk_group) return 0;
+    int in_s[FM_MOE_MAX_GROUPS];
+    memcpy(in_s, in_g, sizeof in_s);
+    for (int n = n_g; n < c->topk_group; n++) {
+        int best = -1;
+        for (int g = 0; g < ng; g++) {
+            if (in_s[g]) continue;
+            int fits = 1; /* could the GPU have kept g and taken nothing from it? */
+            for (int e = g * gs; e < (g + 1) * gs; e++)
+                if (score[e] > min_chosen + eps) fits = 0;
+            if (fits && (best < 0 || gscore[g] > gscore[best])) best = g;
+        }
+        if (best < 0) return 0;
+        in_s[best] = 1;
+    }
+    float weakest = INFINITY;
+    for (int g = 0; g < ng; g++)
+        if (in_s[g]) weakest = fminf(weakest, gscore[g]);
+    for (int g = 0; g < ng; g++) {
+        if (!in_s[g] && gscore[g] > weakest + eps) return 0;
+        if (!in_s[g]) continue;
+        for (int e = g * gs; e < (g + 1) * gs; e++)
+            if (!chosen[e] && score[e] > min_chosen + eps) return 0;
+    }
     return 1;
 }
 

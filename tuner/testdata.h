@@ -9,7 +9,8 @@
 
 typedef struct fm_check fm_check;
 
-unsigned long long fm_test_seed(void);          /* from the clock and pid: fresh each run */
+unsigned long long fm_test_seed(void);          /* from the clock and pid: fresh each run;
+                                                 * $FM_TEST_SEED repeats a printed one */
 float fm_bf16_to_float(unsigned short h);
 unsigned short fm_float_to_bf16(float f);       /* round to nearest even */
 float fm_half_to_float(unsigned short h);

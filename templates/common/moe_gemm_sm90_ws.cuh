@@ -29,7 +29,10 @@
  *    release the previous stage (one arrival per consumer warp) and run the epilogue from
  *    registers (SwiGLU for gemm1; routing weight and slot row or fp32 atomics for gemm2).
  *    While the consumers run an epilogue the producer is already filling the next tile's
- *    stages.
+ *    stages. A CTA's last tile (every tile with one CTA per tile) instead stages its rows in
+ *    the freed ring and copies each out in one bulk copy (epilogue_staged), and there a slab of
+ *    at most 48 real rows runs with the operands swapped (the hybrid tile, mainloop_swapped).
+ *    FM_MOE_STAGED_GEMM1 and FM_MOE_HYBRID (default on) switch these off for A/B builds.
  *  - BLOCK_M = 192 (three consumers) against 128: every stage brings (192 + 256) rows for
  *    2 * 192 * 256 * 64 FLOP, 110 FLOP per byte of L2 traffic instead of 85; at large T the
  *    two-consumer tile moves about 5.5 TB/s out of L2 (bench/NOTES.md, MoE v3), which is where

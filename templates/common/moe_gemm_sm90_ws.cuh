@@ -420,20 +420,24 @@ static __device__ __forceinline__ void epilogue_staged(const fm_moe_gemm_params 
     }
 }
 
-/* The k loop of a tile: per k step, wait for the stage and issue its products (issue(stage)),
- * one group in flight behind the one issued; the previous step's stage is released once its
- * group is done in this warp, the last one after the final wait. The caller fences its
- * accumulators afterwards. */
+/* The k loop of a tile: per k step, wait for the stage and issue its products (issue(ad, bd)
+ * with the stage's descriptors of this warpgroup's token rows and of the weights), one group
+ * in flight behind the one issued; the previous step's stage is released once its group is done
+ * in this warp, the last one after the final wait. The caller fences its accumulators
+ * afterwards. */
 template <class Issue>
-static __device__ __forceinline__ void kloop(const Issue &issue, unsigned bar_full,
+static __device__ __forceinline__ void kloop(const Issue &issue, unsigned long long a_desc0,
+                                             unsigned long long b_desc0, unsigned bar_full,
                                              unsigned bar_empty, int k_tiles, int &it, int lane,
                                              bool shared) {
+    constexpr unsigned kStageDesc = kStageBytes >> 4;
     int prev_s = 0;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = it % kStages;
         fm_mbar_wait(bar_full + 8 * s, (unsigned)(it / kStages) & 1u);
         fm_wgmma_fence();
-        issue(s);
+        issue(a_desc0 + (unsigned long long)(s * kStageDesc),
+              b_desc0 + (unsigned long long)(s * kStageDesc));
         fm_wgmma_commit();
         fm_wgmma_wait<1>();
         if (kt > 0 && lane == 0) release(bar_empty + 8 * prev_s, shared);
@@ -449,13 +453,10 @@ static __device__ __forceinline__ void mainloop(float (&acc)[kAcc], unsigned lon
                                                 unsigned long long b_desc0, unsigned bar_full,
                                                 unsigned bar_empty, int k_tiles, int &it,
                                                 int lane, bool shared) {
-    constexpr unsigned kStageDesc = kStageBytes >> 4;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
     kloop(
-        [&](int s) {
-            const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
-            const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
+        [&](unsigned long long ad, unsigned long long bd) {
 #pragma unroll
             for (int ks = 0; ks < kBK / 16; ++ks) {
                 if constexpr (kSplitN == 1) {
@@ -473,7 +474,7 @@ static __device__ __forceinline__ void mainloop(float (&acc)[kAcc], unsigned lon
                 }
             }
         },
-        bar_full, bar_empty, k_tiles, it, lane, shared);
+        a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane, shared);
     fm_fence_regs(acc);
 }
 
@@ -491,14 +492,11 @@ static __device__ __forceinline__ void mainloop_swapped(float (&acc)[kWBlocks * 
                                                         unsigned bar_full, unsigned bar_empty,
                                                         int k_tiles, int &it, int lane,
                                                         bool shared) {
-    constexpr unsigned kStageDesc = kStageBytes >> 4;
     constexpr unsigned kBlockDesc = (64 * kRowBytes) >> 4;
 #pragma unroll
     for (int i = 0; i < kWBlocks * N / 2; ++i) acc[i] = 0.f;
     kloop(
-        [&](int s) {
-            const unsigned long long ad = a_desc0 + (unsigned long long)(s * kStageDesc);
-            const unsigned long long bd = b_desc0 + (unsigned long long)(s * kStageDesc);
+        [&](unsigned long long ad, unsigned long long bd) {
 #pragma unroll
             for (int ks = 0; ks < kBK / 16; ++ks) {
 #pragma unroll
@@ -509,7 +507,7 @@ static __device__ __forceinline__ void mainloop_swapped(float (&acc)[kWBlocks * 
                 }
             }
         },
-        bar_full, bar_empty, k_tiles, it, lane, shared);
+        a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane, shared);
     fm_fence_regs(acc);
 }
 

@@ -32,7 +32,8 @@ local function smem(c)
     return c.stages * c.block_n * 128 + c.x_stages * c.block_m * 128 + 2048 + c.block_m * 4
       + consumers(c) * c.block_m * 8
   end
-  return c.stages * (c.block_m + c.block_n) * 128 + (c.pipe == "sync" and 1024 or 2048)
+  return c.stages * (c.block_m + c.block_n + (c.ws_tail == "merge" and 64 or 0)) * 128
+    + (c.pipe == "sync" and 1024 or 2048)
     + ((c.pipe == "ws" and c.block_m == 192) and 128 * 12 * 4 or 0)
 end
 
@@ -82,9 +83,25 @@ return {
     -- (bench/NOTES.md, seventh session): 128x256 s4 3-4% faster with it and the best at
     -- T = 16384, but within 0.5% of the best unclustered variant; 128x128 10% slower.
     { name = "ws_cluster", values = { 1, 2 }, default = 1 },
+    -- pipe = ws, one CTA per tile: "merge" runs an expert's last tile, when it holds at most 48
+    -- real rows (32 with clusters), as a third, swapped slab of the tile before it, which
+    -- shares its weight stages (each stage carries 64 more token rows); the last tile is
+    -- skipped. With ~128 tokens per expert (DeepSeek-V3, T = 4096) about half of the experts
+    -- have such a tile, each streaming the whole weight tile again for a few rows; uniform
+    -- routing, which has none, ran 20% faster (bench/NOTES.md, ninth session).
+    { name = "ws_tail", values = { "tile", "merge" }, default = "tile" },
   },
 
   constraints = {
+    {
+      -- The merged slab is split between two consumers by 64-row weight blocks (gemm1: a gate
+      -- and an up block each), and written by the staged epilogue of a CTA's last tile.
+      reason = "ws_tail = merge is for pipe = ws, ws_grid = tiles, the 128 x 256 tile and combine = slot",
+      check = function(c)
+        return c.ws_tail == "tile" or (c.pipe == "ws" and c.ws_grid == "tiles" and
+          c.block_m == 128 and c.block_n == 256 and c.combine == "slot")
+      end,
+    },
     {
       -- The pair must be two M tiles of one N column: the raster walks groups of group_m M
       -- tiles per column, so an even group_m keeps every pair in one column (but the last,
@@ -210,6 +227,7 @@ return {
       .. (c.x_stages ~= 3 and "_x" .. c.x_stages or "") .. (c.ws_grid == "tiles" and "_tiles" or "")
       .. (c.ws_grid == "dynamic" and "_dyn" or "")
       .. (c.ws_cluster == 1 and "" or "_cl" .. c.ws_cluster)
+      .. (c.ws_tail == "merge" and "_mg" or "")
   end,
 
   defines = function(c)
@@ -222,6 +240,7 @@ return {
       FM_X_STAGES = c.pipe == "swap" and c.x_stages or nil,
       FM_WS_CLUSTER = c.ws_cluster ~= 1 and c.ws_cluster or nil,
       FM_WS_DYNAMIC = c.ws_grid == "dynamic" and 1 or nil,
+      FM_WS_MERGE = c.ws_tail == "merge" and 1 or nil,
     }
   end,
 
@@ -243,7 +262,7 @@ return {
     local hit = math.min(e, t * k)
     local rows = t * k / hit
     local c = { pipe = "sync", group_m = 1, split_k = 1, combine = "slot", ws_grid = "persistent",
-      x_stages = 3, ws_cluster = 1 }
+      x_stages = 3, ws_cluster = 1, ws_tail = "tile" }
     -- Measured on an H200 (DeepSeek-V3 shape, bench/NOTES.md): the warp-specialised 128 x 256
     -- tile won every bucket from T=1024 (32 rows per expert) up, launched one CTA per tile;
     -- three stages and group_m 8 were within 3% of each bucket's best (T = 1024, 4096, 16384);

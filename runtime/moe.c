@@ -328,7 +328,7 @@ fm_status fm_moe_choose(fm_context *ctx, const fm_moe_args *a, fm_config *cfg,
  * (H, I, 2, E) in boxes (64, bn/2, 2, 1), so one box holds the gate rows and the up rows of the
  * same bn/2 columns, and rows past I in a tail tile are zeros rather than the next half; gemm2
  * reads w2 [E, H, I] as (I, H, E, 1) in boxes (64, bn, 1, 1) and the intermediate [rows, I] as
- * (I, rows, 1, 1) in boxes (64, bm, 1, 1).
+ * (I, rows, 1, 1) in boxes (64, bm, 1, 1) (ws_tail = merge: 64 rows, see the caller).
  * pipe = swap (moe_gemm_sm90_swap.cuh): gemm1 reads w13 as (H, 8, 2, I/8, E) in boxes
  * (64, 8, 2, bn/16, 1): groups of 8 gate rows and the 8 up rows of the same columns, which the
  * swapped accumulator layout pairs in one thread; the intermediate in boxes of 32 rows, issued as
@@ -439,13 +439,17 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     const int ws_dynamic = ws_grid && strcmp(ws_grid, "dynamic") == 0;
     /* pairs of tiles in 2-CTA clusters sharing weight copies (moe_gemm_sm90_ws.cuh) */
     const long long cluster = fm_config_int(cfg, "ws_cluster", 1);
+    /* an expert's short last tile run by the tile before it (moe_gemm_sm90_ws.cuh, merge_rows) */
+    const char *ws_tail = fm_config_str(cfg, "ws_tail");
+    const int merge = ws_tail && strcmp(ws_tail, "merge") == 0;
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
         a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
         (ws_pipe && !swap_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
                                    (bn != 128 && bn != 256))) ||
         (swap_pipe && (bm < 128 || bm % 64 || bk != 64 || split != 1 || (bn != 128 && bn != 192))) ||
         (cluster != 1 && (cluster != 2 || !ws_pipe || swap_pipe || !ws_tiles || group_m % 2)) ||
-        (ws_dynamic && (!ws_pipe || swap_pipe)))
+        (ws_dynamic && (!ws_pipe || swap_pipe)) ||
+        (merge && (!ws_pipe || swap_pipe || !ws_tiles || bm != 128 || bn != 256 || atomic)))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -551,8 +555,9 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     CUtensorMap m1[2], m2[2];
     long long g1_grid = g1_ctas, g2_grid = g2_ctas;
     if (ws_pipe) {
-        if ((s = ws_maps(ctx, a, inter, l.max_rows, bm, bn, swap_pipe, (int)cluster, m1, m2)) !=
-            FM_OK)
+        /* merge: the intermediate in boxes of 64 rows (two per tile, one for the merged slab) */
+        if ((s = ws_maps(ctx, a, inter, l.max_rows, merge ? 64 : bm, bn, swap_pipe, (int)cluster,
+                         m1, m2)) != FM_OK)
             return s;
         const long long sms = ctx->sm_count > 0 ? ctx->sm_count : 1;
         if (!ws_tiles && g1_grid > sms) g1_grid = sms;

@@ -46,7 +46,8 @@ typedef struct moe_case {
     int quantize;    /* logits (and bias) on a coarse grid: many exact ties */
     int dead_expert; /* >= 0: this expert's logit is -30 for every token (receives nothing) */
     int hot_expert;  /* >= 0: this expert's logit is +30 for every token (receives everything) */
-    int slab_widths; /* 1: E = 16, K = 1, expert e gets exactly kSlabCounts[e] tokens (see there) */
+    int slab_widths; /* E = 16, K = 1, expert e gets exactly 1: kSlabCounts[e], 2: kMergeCounts[e]
+                      * tokens (see there) */
 } moe_case;
 
 /* Expert loads around every width the warp-specialised GEMMs treat differently: an expert's last
@@ -55,6 +56,15 @@ typedef struct moe_case {
  * alone or behind a full one. T = their sum (1061). */
 static const int kSlabCounts[16] = {1,  16, 17, 31, 32, 33,  47,  48,
                                     49, 63, 64, 65, 113, 129, 176, 177};
+/* Loads around a merged slab (ws_tail = merge: an expert's last tile of at most 48 real rows, 32
+ * with clusters, run by the tile before it): 128 + 1, 15, 16, 17, 31, 32, 33, 47, 48, 49, a full
+ * tile, an expert of one short tile (not merged: it is its expert's first), and three tiles
+ * ending in a merged or a lone slab. T = their sum (2636). */
+static const int kMergeCounts[16] = {129, 143, 144, 145, 159, 160, 161, 175,
+                                     176, 177, 128, 40,  289, 304, 305, 1};
+static const int *slab_counts(const moe_case *c) {
+    return c->slab_widths == 2 ? kMergeCounts : kSlabCounts;
+}
 
 /* ---- host random numbers ------------------------------------------------------------------ */
 static unsigned long long rng_state;
@@ -314,7 +324,7 @@ static int data_init(fm_context *ctx, moe_data *m, const moe_case *c) {
     if (c->slab_widths) {
         size_t t = 0;
         for (size_t e = 0; e < 16 && e < E; e++)
-            for (int j = 0; j < kSlabCounts[e] && t < T; j++, t++) m->logits[t * E + e] = 30.0f;
+            for (int j = 0; j < slab_counts(c)[e] && t < T; j++, t++) m->logits[t * E + e] = 30.0f;
     }
     fm_moe_args *a = &m->a;
     a->dtype = c->dt;
@@ -444,7 +454,7 @@ static void run_and_check(fm_context *ctx, moe_data *m, const fm_loaded *k, cons
         int load[16] = {0}, off = 0;
         for (size_t i = 0; i < T * K; i++)
             if (ids[i] >= 0 && ids[i] < 16) load[ids[i]]++;
-        for (int e = 0; e < 16; e++) off += load[e] != kSlabCounts[e];
+        for (int e = 0; e < 16; e++) off += load[e] != slab_counts(c)[e];
         CHECK(off == 0, "%s [%s]: %d experts did not get their designed load", c->name, label, off);
     }
 
@@ -490,61 +500,66 @@ typedef struct cfg_spec {
     const char *ws_grid; /* sm90 ws only: "persistent" (NULL), "tiles" or "dynamic" */
     int x_stages;        /* sm90 swap only: token ring depth (0: the default, 3) */
     int cluster;         /* sm90 ws tiles only: CTAs per cluster sharing weight copies (0: 1) */
+    const char *ws_tail; /* sm90 ws tiles only: "tile" (NULL) or "merge" */
 } cfg_spec;
 
 /* Every axis value at least once; each is a kept configuration of generator/moe_gemm_sm80.lua
  * or moe_gemm_sm90.lua on an H100 (smaller devices skip what does not fit). */
 static const cfg_spec specs[] = {
-    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot", NULL, NULL, 0, 0},
-    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot", NULL, NULL, 0, 0},
-    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot", "sync", NULL, 0, 0},
-    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic", "sync", NULL, 0, 0},
-    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic", "sync", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "sync", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "sync", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync", NULL, 0, 0},
+    {"moe_gemm_sm80", 16, 64, 64, 3, 4, 1, 1, "slot", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 16, 128, 64, 4, 4, 1, 4, "atomic", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 16, 256, 64, 5, 4, 1, 2, "atomic", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 32, 128, 64, 4, 4, 1, 1, "slot", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 32, 64, 64, 3, 4, 1, 4, "atomic", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 64, 128, 64, 3, 8, 8, 1, "slot", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 64, 256, 64, 4, 8, 1, 1, "atomic", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 128, 128, 64, 4, 4, 8, 1, "atomic", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 128, 256, 64, 2, 8, 1, 1, "slot", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm80", 128, 256, 32, 4, 8, 8, 1, "slot", NULL, NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 64, 64, 64, 3, 0, 1, 1, "slot", "sync", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 64, 128, 64, 4, 0, 1, 4, "atomic", "sync", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 64, 256, 64, 5, 0, 1, 2, "atomic", "sync", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "sync", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "sync", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "sync", NULL, 0, 0, NULL},
 };
 
 /* The warp-specialised sm90 pipelines: ws with both block_n, two and three consumers (block_m
  * 128, 192), stages 3..6, both rasters and combines; swap likewise over its own tiles. */
 static const cfg_spec ws_specs[] = {
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws", NULL, 0, 0},
-    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 8, 1, "slot", "ws", NULL, 0, 0},
-    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles", 0, 0},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 8, 1, "slot", "ws", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 1, 1, "atomic", "ws", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "slot", "ws", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 8, 1, "slot", "ws", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 192, 256, 64, 3, 0, 1, 1, "atomic", "ws", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 1, 1, "atomic", "ws", "tiles", 0, 0, NULL},
     /* pairs of tiles sharing weight copies (multicast) where they belong to one expert */
-    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 2},
-    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "atomic", "ws", "tiles", 0, 2},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 2, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 5, 0, 8, 1, "atomic", "ws", "tiles", 0, 2, NULL},
     /* dynamic schedule: a persistent grid taking tiles in order from a counter */
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "dynamic", 0, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "ws", "dynamic", 0, 0},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "dynamic", 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 8, 1, "atomic", "ws", "dynamic", 0, 0, NULL},
     /* group_m 0: one raster group per expert */
-    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "tiles", 0, 2},
-    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 0, 1, "atomic", "ws", NULL, 0, 0},
-    {"moe_gemm_sm90", 192, 192, 64, 4, 0, 0, 1, "slot", "swap", "tiles", 5, 0},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "tiles", 0, 2, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 4, 0, 0, 1, "atomic", "ws", NULL, 0, 0, NULL},
+    /* an expert's short last tile run by the tile before it, with and without clusters */
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "tiles", 0, 0, "merge"},
+    {"moe_gemm_sm90", 128, 256, 64, 3, 0, 8, 1, "slot", "ws", "tiles", 0, 2, "merge"},
+    {"moe_gemm_sm90", 128, 256, 64, 4, 0, 0, 1, "slot", "ws", "tiles", 0, 2, "merge"},
+    {"moe_gemm_sm90", 192, 192, 64, 4, 0, 0, 1, "slot", "swap", "tiles", 5, 0, NULL},
     /* pipe = swap: token tiles 128..256, two and three consumers of 64 weight rows */
-    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 1, 1, "slot", "swap", NULL, 0, 0},
-    {"moe_gemm_sm90", 192, 128, 64, 4, 0, 8, 1, "atomic", "swap", "tiles", 0, 0},
-    {"moe_gemm_sm90", 256, 128, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 0, 0},
-    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 8, 1, "atomic", "swap", NULL, 0, 0},
-    {"moe_gemm_sm90", 192, 192, 64, 3, 0, 8, 1, "slot", "swap", NULL, 0, 0},
-    {"moe_gemm_sm90", 128, 192, 64, 5, 0, 1, 1, "atomic", "swap", "tiles", 0, 0},
-    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 8, 1, "slot", "swap", "tiles", 0, 0},
-    {"moe_gemm_sm90", 192, 192, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 5, 0},
-    {"moe_gemm_sm90", 128, 192, 64, 4, 0, 8, 1, "atomic", "swap", NULL, 4, 0},
-    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 1, 1, "slot", "swap", "tiles", 5, 0},
+    {"moe_gemm_sm90", 128, 128, 64, 3, 0, 1, 1, "slot", "swap", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 192, 128, 64, 4, 0, 8, 1, "atomic", "swap", "tiles", 0, 0, NULL},
+    {"moe_gemm_sm90", 256, 128, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 0, 0, NULL},
+    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 8, 1, "atomic", "swap", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 192, 192, 64, 3, 0, 8, 1, "slot", "swap", NULL, 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 192, 64, 5, 0, 1, 1, "atomic", "swap", "tiles", 0, 0, NULL},
+    {"moe_gemm_sm90", 128, 128, 64, 6, 0, 8, 1, "slot", "swap", "tiles", 0, 0, NULL},
+    {"moe_gemm_sm90", 192, 192, 64, 4, 0, 1, 1, "slot", "swap", "tiles", 5, 0, NULL},
+    {"moe_gemm_sm90", 128, 192, 64, 4, 0, 8, 1, "atomic", "swap", NULL, 4, 0, NULL},
+    {"moe_gemm_sm90", 256, 128, 64, 3, 0, 1, 1, "slot", "swap", "tiles", 5, 0, NULL},
 };
 
 static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_loaded **k) {
@@ -565,6 +580,7 @@ static int load_spec(fm_context *ctx, const cfg_spec *sp, fm_dtype dt, const fm_
     if (sm90) fm_config_set_str(&c, "ws_grid", sp->ws_grid ? sp->ws_grid : "persistent");
     if (sm90) fm_config_set_int(&c, "x_stages", sp->x_stages ? sp->x_stages : 3);
     if (sm90) fm_config_set_int(&c, "ws_cluster", sp->cluster ? sp->cluster : 1);
+    if (sm90) fm_config_set_str(&c, "ws_tail", sp->ws_tail ? sp->ws_tail : "tile");
     fm_config_set_int(&c, "stages", sp->stages);
     if (!sm90) fm_config_set_int(&c, "warps", sp->warps);
     fm_config_set_int(&c, "group_m", sp->group_m);
@@ -732,6 +748,9 @@ int main(void) {
         /* every width of an expert's last slab (hybrid tile and its edges), in both dtypes */
         {"slab_widths", BF, 1061, 128, 128, 16, 1, 0, 1, 0, 0, 0, 0, 0, -1, -1, 1},
         {"slab_widths_fp16", FP, 1061, 192, 64, 16, 1, 0, 1, 0, 0, 0, 0, 0, -1, -1, 1},
+        /* every width of a merged slab and its edges */
+        {"merge_widths", BF, 2636, 128, 128, 16, 1, 0, 1, 0, 0, 0, 0, 0, -1, -1, 2},
+        {"merge_widths_fp16", FP, 2636, 192, 64, 16, 1, 0, 1, 0, 0, 0, 0, 0, -1, -1, 2},
     };
     const size_t ncases = sizeof cases / sizeof cases[0];
 

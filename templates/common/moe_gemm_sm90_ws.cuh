@@ -161,7 +161,15 @@ constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kRowBytes = kBK * 2;            /* 128 */
 constexpr int kABytes = kBM * kRowBytes;      /* 16 or 24 KB */
 constexpr int kBBytes = kBN * kRowBytes;      /* 16 or 32 KB */
-constexpr int kStageBytes = kABytes + kBBytes;
+/* ws_tail = merge (FM_WS_MERGE, see merge_rows): each stage also holds a third slab of up to 64
+ * token rows (X, behind the weights), and gemm2's intermediate rows come in boxes of 64. */
+#ifndef FM_WS_MERGE
+#define FM_WS_MERGE 0
+#endif
+constexpr bool kMerge = FM_WS_MERGE != 0;
+constexpr int kXBytes = kMerge ? 64 * kRowBytes : 0;
+constexpr int kABox = kMerge ? 64 : kBM;      /* rows of gemm2's intermediate box */
+constexpr int kStageBytes = kABytes + kBBytes + kXBytes;
 constexpr int kBarOffset = kStages * kStageBytes; /* full[S] then empty[S], 8 bytes each */
 constexpr int kAcc = kBN / 2;
 /* A 512-thread CTA compiles under 128 registers per thread, too few for one m64n256 wgmma
@@ -196,10 +204,42 @@ constexpr int kStagingRow1 = kOutCols1 * 2 + 16, kStagingRow2 = kOutCols2 * 2 + 
 #endif
 constexpr bool kHybrid = FM_MOE_HYBRID != 0;
 constexpr int kHybridMax = 48;
+/* Rows of a merged slab (merge_rows): 48 as the hybrid slab, 32 in clusters, whose consumers
+ * have 216 registers: gemm1 with N = 48 spilled 12 bytes there. */
+constexpr int kMergeMax = kCluster > 1 ? 32 : kHybridMax;
+constexpr int kXIters = kMergeMax * 8 / 128; /* a merged slab's 16-byte chunks per producer thread */
 constexpr int kWBlocks = kBN / 64;          /* 64-row blocks of the weight stage */
 constexpr unsigned kBarHybrid = 10;         /* + cw: one consumer warpgroup's staged rows */
-static_assert(kConsumers * 64 * kStagingRow2 <= kStages * kStageBytes,
+constexpr unsigned kBarMerge = 13;          /* both consumers' staged rows of a merged slab */
+#if FM_WS_MERGE
+#if FM_BLOCK_M != 128 || FM_BLOCK_N != 256 || FM_WS_DYNAMIC
+#error "FM_WS_MERGE takes the 128 x 256 tile, one CTA per tile"
+#endif
+#if !FM_MOE_HYBRID || !FM_MOE_STAGED_GEMM1
+#error "FM_WS_MERGE needs the staged epilogue and the hybrid tile"
+#endif
+#endif
+static_assert((kConsumers * 64 + (kMerge ? kMergeMax : 0)) * kStagingRow2 <=
+                  kStages * kStageBytes,
               "the staged epilogue fits the ring");
+
+/* ws_tail = merge: an expert whose last tile holds at most kMergeMax real rows (129..176
+ * tokens in an expert's last two tiles, about half of DeepSeek-V3's experts at T = 4096) runs
+ * them as a third, swapped slab of the tile before it, sharing that tile's weight stages: each
+ * consumer adds N = 16/32/48 columns of products for two of the stage's four 64-row weight
+ * blocks (gemm1: the gate and the up rows of its 64 output columns). The last tile itself is
+ * skipped. Otherwise it streams the expert's whole weight tile a second time for a few rows:
+ * uniform routing (no such tile) ran at 0.80x of the random-routing time (bench/NOTES.md,
+ * ninth session). Returns, for M tile m_tile, the merged slab's N (0: none) and its real rows,
+ * or -1 if the tile before it runs this tile. Producer and consumers decide alike. */
+static __device__ __forceinline__ int merge_rows(const fm_moe_gemm_params &p, int m_tile,
+                                                 int &xreal) {
+    const int e = p.tile_expert[m_tile];
+    const int start = p.expert_offsets[e], r = start + p.expert_counts[e] - m_tile * kBM;
+    xreal = r - kBM;
+    if (m_tile * kBM != start && r <= kMergeMax) return -1;
+    return (r > kBM && r <= kBM + kMergeMax) ? (r - kBM + 15) / 16 * 16 : 0;
+}
 
 /* Dynamic schedule, producer side: thread 0 takes the next tile index once the consumers have
  * read the slot's previous one, publishes it; with `all` the warpgroup's other threads read it
@@ -240,7 +280,10 @@ static __device__ __forceinline__ bool pair_shares(const fm_moe_gemm_params &p, 
     if (t1 < total) fm_moe::tile_coords(t1, m_tiles, kBM, p, m1, n1);
     m_own = (blockIdx.x & 1) ? m1 : m0;
     n_own = (blockIdx.x & 1) ? n1 : n0;
-    return t1 < total && n0 == n1 && p.tile_expert[m0] == p.tile_expert[m1];
+    /* a tile merged into the one before it copies nothing (merge_rows) */
+    int xreal;
+    return t1 < total && n0 == n1 && p.tile_expert[m0] == p.tile_expert[m1] &&
+           !(kMerge && merge_rows(p, m1, xreal) < 0);
 }
 
 /* Tile t's M and N tile; with clusters the one pair_shares gave (t is this CTA's only tile). */
@@ -291,9 +334,13 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
         coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
         const int expert = p.tile_expert[m_tile];
         const int m0 = m_tile * kBM;
+        int xreal = 0;
+        const int hx = kMerge ? merge_rows(p, m_tile, xreal) : 0; /* rows of the merged slab */
+        if (hx < 0) continue; /* the tile before it runs it */
 
-        /* Token of each of this thread's rows, -1 for padding. */
+        /* Token of each of this thread's rows, -1 for padding (tok_x: the merged slab's). */
         int tok[kGatherIters];
+        int tok_x[kMerge ? kXIters : 1];
         if (GATHER) {
 #pragma unroll
             for (int j = 0; j < kGatherIters; ++j) {
@@ -301,6 +348,13 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
                 tok[j] = slot >= 0 ? slot / p.topk : -1;
                 if constexpr (kTokInSmem)
                     fm_st_shared_s32(s_base + (unsigned)(kTokOffset + 4 * (128 * j + tid)), tok[j]);
+            }
+            if constexpr (kMerge) {
+#pragma unroll
+                for (int j = 0; j < kXIters; ++j) {
+                    const int slot = 16 * j < hx ? p.sorted_slot[m0 + kBM + rbase + 16 * j] : -1;
+                    tok_x[j] = slot >= 0 ? slot / p.topk : -1;
+                }
             }
         }
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -310,7 +364,8 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
             /* The consumers have finished reading this stage's previous contents. */
             fm_mbar_wait(bar_empty + 8 * s, ph ^ 1u);
             if (tid == 0) {
-                fm_mbar_arrive_expect_tx(bar_full + 8 * s, kTmaBytes);
+                fm_mbar_arrive_expect_tx(bar_full + 8 * s,
+                                         kTmaBytes + (!GATHER && hx > 0 ? kXBytes : 0));
                 if (kCluster == 1) {
                     if (GATHER) /* w13 (H, I, 2, E): gate and up rows of columns n0.. */
                         fm_tma_load_4d(sB, tma_b, bar_full + 8 * s, kt * kBK, n_tile * (kBN / 2),
@@ -334,8 +389,15 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
                             fm_tma_load_4d(dst, tma_b, bar_full + 8 * s, kt * kBK, c1, c2, c3);
                     }
                 }
-                if (!GATHER) /* intermediate (I, rows, 1, 1) */
-                    fm_tma_load_4d(sA, tma_a, bar_full + 8 * s, kt * kBK, m0, 0, 0);
+                if (!GATHER) { /* intermediate (I, rows, 1, 1), boxes of kABox rows */
+#pragma unroll
+                    for (int b = 0; b < kBM / kABox; ++b)
+                        fm_tma_load_4d(sA + (unsigned)(b * kABox * kRowBytes), tma_a,
+                                       bar_full + 8 * s, kt * kBK, m0 + b * kABox, 0, 0);
+                    if (kMerge && hx > 0) /* the merged slab: 64 rows, the first hx used */
+                        fm_tma_load_4d(sB + (unsigned)kBBytes, tma_a, bar_full + 8 * s, kt * kBK,
+                                       m0 + kBM, 0, 0);
+                }
             }
             if (GATHER) {
                 const fm_elem_t *col = A + kt * kBK + ccol * 8;
@@ -346,6 +408,15 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
                     const bool v = tok[j] >= 0;
                     fm_cp_async_16(sA + fm_moe::swz<kBK>(rbase + 16 * j, ccol),
                                    v ? col + (long long)tok[j] * p.k : col, v ? 16 : 0);
+                }
+                if constexpr (kMerge) {
+#pragma unroll
+                    for (int j = 0; j < kXIters; ++j) {
+                        if (16 * j >= hx) break; /* rows past N are not read */
+                        const bool v = tok_x[j] >= 0;
+                        fm_cp_async_16(sB + (unsigned)kBBytes + fm_moe::swz<kBK>(rbase + 16 * j, ccol),
+                                       v ? col + (long long)tok_x[j] * p.k : col, v ? 16 : 0);
+                    }
                 }
                 fm_cp_async_commit();
                 if (it + 1 - signaled > kLag) {
@@ -449,6 +520,23 @@ static __device__ __forceinline__ void kloop(const Issue &issue, unsigned long l
 
 /* A tile with the tokens on the wgmma M side: per k step 4 m64nBNk16 (A = this warpgroup's 64
  * token rows, B = the weight stage). */
+static __device__ __forceinline__ void issue_k16(float (&acc)[kAcc], unsigned long long ad,
+                                                 unsigned long long bd, int ks) {
+    if constexpr (kSplitN == 1) {
+        fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
+                                                     bd + (unsigned)(2 * ks), 1);
+    } else {
+        /* two n128 halves: columns 0..127 are acc[0..63], 128..255 acc[64..127]; the second
+         * half's B rows start 128 rows (1024 descriptor units) on */
+        float(&lo)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[0]);
+        float(&hi)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[kAcc / 2]);
+        fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(lo, ad + (unsigned)(2 * ks),
+                                                         bd + (unsigned)(2 * ks), 1);
+        fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
+            hi, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks + kBN / 2 * 8), 1);
+    }
+}
+
 static __device__ __forceinline__ void mainloop(float (&acc)[kAcc], unsigned long long a_desc0,
                                                 unsigned long long b_desc0, unsigned bar_full,
                                                 unsigned bar_empty, int k_tiles, int &it,
@@ -458,21 +546,7 @@ static __device__ __forceinline__ void mainloop(float (&acc)[kAcc], unsigned lon
     kloop(
         [&](unsigned long long ad, unsigned long long bd) {
 #pragma unroll
-            for (int ks = 0; ks < kBK / 16; ++ks) {
-                if constexpr (kSplitN == 1) {
-                    fm_wgmma<kBN>::template ss<FM_DTYPE_BF16, 0>(acc, ad + (unsigned)(2 * ks),
-                                                                 bd + (unsigned)(2 * ks), 1);
-                } else {
-                    /* two n128 halves: columns 0..127 are acc[0..63], 128..255 acc[64..127];
-                     * the second half's B rows start 128 rows (1024 descriptor units) on */
-                    float(&lo)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[0]);
-                    float(&hi)[kAcc / 2] = *reinterpret_cast<float(*)[kAcc / 2]>(&acc[kAcc / 2]);
-                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
-                        lo, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks), 1);
-                    fm_wgmma<kBN / 2>::template ss<FM_DTYPE_BF16, 0>(
-                        hi, ad + (unsigned)(2 * ks), bd + (unsigned)(2 * ks + kBN / 2 * 8), 1);
-                }
-            }
+            for (int ks = 0; ks < kBK / 16; ++ks) issue_k16(acc, ad, bd, ks);
         },
         a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane, shared);
     fm_fence_regs(acc);
@@ -516,14 +590,14 @@ static __device__ __forceinline__ void mainloop_swapped(float (&acc)[kWBlocks * 
  * of its warp's 16 per block for tokens 8i + 2tq + {0, 1}; neighbours g and g^1 swap one value so
  * that each writes two adjacent columns of one token (as pipe = swap does). The token rows span
  * the warpgroup's four warps, so it meets at a named barrier before the per-row bulk copies. */
-template <bool GATED, int N>
+template <bool GATED, int N, int NB = kWBlocks>
 static __device__ __forceinline__ void epilogue_swapped(const fm_moe_gemm_params &p,
-                                                        const float (&acc)[kWBlocks * N / 2],
+                                                        const float (&acc)[NB * N / 2],
                                                         unsigned stage,
                                                         int row0, int rows, int n_out0, int cw,
                                                         int wtid) {
     constexpr int kRow = GATED ? kStagingRow1 : kStagingRow2;
-    constexpr int kOut = GATED ? kWBlocks / 2 : kWBlocks; /* blocks of output columns */
+    constexpr int kOut = GATED ? NB / 2 : NB; /* blocks of output columns */
     const int warp = wtid / 32, lane = wtid % 32;
     const int g = lane / 4, tq = lane % 4, odd = g & 1;
     float wt[N / 8];
@@ -546,7 +620,7 @@ static __device__ __forceinline__ void epilogue_swapped(const fm_moe_gemm_params
                 const int j = b * (N / 2) + 4 * i + 2 * h;
                 float v0, v1; /* tokens 8i + 2tq and + 1, weight row g + 8h */
                 if (GATED) {
-                    const int u = j + (kWBlocks / 2) * (N / 2); /* the up rows of the columns */
+                    const int u = j + (NB / 2) * (N / 2); /* the up rows of the columns */
                     v0 = fm_moe::silu(acc[j]) * acc[u];
                     v1 = fm_moe::silu(acc[j + 1]) * acc[u + 1];
                 } else {
@@ -555,16 +629,22 @@ static __device__ __forceinline__ void epilogue_swapped(const fm_moe_gemm_params
                 }
                 float lo, hi;
                 fm_moe::swap_pair(v0, v1, odd, lo, hi);
-                const int col = 64 * b + 16 * warp + 8 * h + g - odd;
+                /* NB = 2 (a merged slab): blocks cw and cw + 2 of the weight stage */
+                const int wb = NB == kWBlocks ? b : cw + 2 * b;
+                const int col = 64 * wb + 16 * warp + 8 * h + g - odd;
                 fm_st_shared_u32(stage + (unsigned)(tok * kRow + 2 * col),
                                  fm_pack_elem2(wt[i] * lo, wt[i] * hi));
             }
         }
     }
     fm_fence_proxy_async();
-    fm_bar_sync(kBarHybrid + (unsigned)cw, 128);
+    /* a merged slab's rows hold both consumers' columns: the first one copies them out */
+    if (NB == kWBlocks)
+        fm_bar_sync(kBarHybrid + (unsigned)cw, 128);
+    else
+        fm_bar_sync(kBarMerge, 128 * kConsumers);
     const int cols = min(GATED ? kOutCols1 : kOutCols2, p.n - n_out0);
-    if (wtid < rows && cols > 0) {
+    if (wtid < rows && cols > 0 && (NB == kWBlocks || cw == 0)) {
         const long long out_row =
             GATED ? (long long)(row0 + wtid) : (long long)p.sorted_slot[row0 + wtid];
         if (out_row >= 0) {
@@ -589,6 +669,50 @@ static __device__ __forceinline__ void slab_swapped(const fm_moe_gemm_params &p,
     mainloop_swapped<N>(d, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, wtid % 32, shared);
     fm_bar_sync(kBarStaging, 128 * kConsumers); /* every consumer is past its last wgmma */
     epilogue_swapped<GATED, N>(p, d, stage, row0, rows, n_out0, cw, wtid);
+}
+
+/* A tile with a merged slab (ws_tail = merge, see merge_rows): this warpgroup's 64 rows as in
+ * mainloop plus, per k16 step, two m64nNk16 products of the weight blocks cw and cw + 2 (gemm1:
+ * the gate and up rows of output columns 64cw..64cw+63) with the merged slab's first N rows (X,
+ * behind the weight stage) as B; both epilogues staged. */
+template <bool GATED, int N>
+static __device__ __forceinline__ void tile_merged(const fm_moe_gemm_params &p,
+                                                   unsigned long long a_desc0,
+                                                   unsigned long long b_desc0, unsigned bar_full,
+                                                   unsigned bar_empty, int k_tiles, int &it,
+                                                   bool shared, unsigned s_base, int m0,
+                                                   int xreal, int n_out0, int cw, int wtid) {
+    constexpr unsigned kBlockDesc = (64 * kRowBytes) >> 4, kXDesc = kBBytes >> 4;
+    constexpr int kRow = GATED ? kStagingRow1 : kStagingRow2;
+    const int warp = wtid / 32, lane = wtid % 32;
+    float acc[kAcc];
+    float d[N]; /* weight block cw in d[0 .. N/2), block cw + 2 in d[N/2 .. N) */
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) d[i] = 0.f;
+    kloop(
+        [&](unsigned long long ad, unsigned long long bd) {
+#pragma unroll
+            for (int ks = 0; ks < kBK / 16; ++ks) {
+                issue_k16(acc, ad, bd, ks);
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {
+                    float(&db)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&d[b * (N / 2)]);
+                    fm_wgmma<N>::template ss<FM_DTYPE_BF16, 0>(
+                        db, bd + (unsigned)((cw + 2 * b) * kBlockDesc + 2 * ks),
+                        bd + (unsigned)(kXDesc + 2 * ks), 1);
+                }
+            }
+        },
+        a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it, lane, shared);
+    fm_fence_regs(acc);
+    fm_fence_regs(d);
+    fm_bar_sync(kBarStaging, 128 * kConsumers); /* every consumer is past its last wgmma */
+    epilogue_staged<GATED>(p, acc, s_base + (unsigned)(cw * 64 * kRow), m0 + cw * 64, n_out0,
+                           warp, lane);
+    epilogue_swapped<GATED, N, 2>(p, d, s_base + (unsigned)(kConsumers * 64 * kRow), m0 + kBM,
+                                  xreal, n_out0, cw, wtid);
 }
 
 template <bool GATED>
@@ -616,6 +740,9 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
         const int m0 = m_tile * kBM;
         const int row0 = m0 + cw * 64;
+        int xreal = 0;
+        const int hx = kMerge ? merge_rows(p, m_tile, xreal) : 0;
+        if (hx < 0) continue; /* the tile before it runs it */
         /* Padding rows close each expert's range: a warpgroup whose first row is padding has
          * no real row. Warp-uniform (one load, same address), so wgmma stays converged. */
         const bool active = p.sorted_slot[row0] >= 0;
@@ -644,6 +771,18 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         const int hn = (rows + 15) / 16 * 16; /* the swapped products' N */
         const int n_out0 = n_tile * (GATED ? kBN / 2 : kBN);
         const unsigned stage = s_base + (unsigned)(cw * 64 * (GATED ? kStagingRow1 : kStagingRow2));
+        if (kMerge && hx > 0) { /* both slabs full (more than 128 rows), staged (one CTA per tile) */
+            if (hx == 16)
+                tile_merged<GATED, 16>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
+                                       shared, s_base, m0, xreal, n_out0, cw, wtid);
+            else if (hx == 32)
+                tile_merged<GATED, 32>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
+                                       shared, s_base, m0, xreal, n_out0, cw, wtid);
+            else if constexpr (kMergeMax == 48)
+                tile_merged<GATED, 48>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
+                                       shared, s_base, m0, xreal, n_out0, cw, wtid);
+            continue;
+        }
         if (kHybrid && staged && hn <= kHybridMax) {
             if (hn == 16)
                 slab_swapped<GATED, 16>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,

@@ -20,7 +20,8 @@ pooled for its median; the SM clock and board power are sampled while each round
 
 usage: python3 bench/bench_moe.py --lib build/libflashmoe.so --out DIR
          [--preset deepseek-v3|qwen3-30b-a3b|mixtral-8x7b] [--tokens 1,16,...] [--no-naive]
-Writes DIR/bench_moe.csv and DIR/bench_moe.png (when matplotlib is present).
+Writes DIR/bench_moe.csv and DIR/bench_moe.png (when matplotlib is present); --replot CSV only
+draws the PNG again from a CSV written before.
 """
 import argparse
 import csv
@@ -246,10 +247,43 @@ def rel_err(out, ref):
     return (d / r).item() if r > 0 else d.item()
 
 
+def plot(rows, png):
+    """The table's times against T (log-log), one line per method; rows as in the CSV."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    r0 = rows[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ts = [int(r["T"]) for r in rows]
+    for key, label in (("flashmoe_ms", "flashmoe"), ("grouped_mm_ms", "sort + torch._grouped_mm"),
+                       ("naive_ms", "per-expert loop"), ("floor_ms", "floor (measured)")):
+        ys = [float(r[key]) for r in rows]
+        if all(math.isnan(y) for y in ys):
+            continue
+        ax.plot(ts, ys, marker="o", linestyle="--" if key == "floor_ms" else "-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("MoE forward %s (E=%s K=%s H=%s I=%s) %s, %s" % (
+        r0["preset"], r0["E"], r0["K"], r0["H"], r0["I"], r0["dtype"], r0["card"]), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print("wrote", png)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lib", required=True, help="path of libflashmoe.so")
+    ap.add_argument("--lib", help="path of libflashmoe.so")
     ap.add_argument("--out", required=True, help="folder for the CSV and the plot")
+    ap.add_argument("--replot", default="",
+                    help="only draw OUT/bench_moe.png again from this bench_moe.csv")
     ap.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESETS))
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
@@ -265,6 +299,12 @@ def main():
                          "the ref library's too with --ref-lib)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        with open(args.replot, newline="") as f:
+            plot(list(csv.DictReader(f)), os.path.join(args.out, "bench_moe.png"))
+        return
+    if not args.lib:
+        ap.error("--lib is required")
     E, K, H, I = PRESETS[args.preset]
     tokens = [int(t) for t in args.tokens.split(",")]
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -373,33 +413,7 @@ def main():
         wr.writeheader()
         wr.writerows(rows)
     print("wrote", path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ts = [r["T"] for r in rows]
-    for key, label in (("flashmoe_ms", "flashmoe"), ("grouped_mm_ms", "sort + torch._grouped_mm"),
-                       ("naive_ms", "per-expert loop"), ("floor_ms", "floor (measured)")):
-        ys = [r[key] for r in rows]
-        if all(math.isnan(y) for y in ys):
-            continue
-        ax.plot(ts, ys, marker="o", linestyle="--" if key == "floor_ms" else "-", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens T")
-    ax.set_ylabel("ms (median)")
-    ax.set_title("MoE forward %s (E=%d K=%d H=%d I=%d) %s, %s" % (
-        args.preset, E, K, H, I, args.dtype, torch.cuda.get_device_name()), fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = os.path.join(args.out, "bench_moe.png")
-    fig.savefig(png, dpi=120)
-    print("wrote", png)
+    plot(rows, os.path.join(args.out, "bench_moe.png"))
 
 
 if __name__ == "__main__":

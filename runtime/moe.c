@@ -27,7 +27,7 @@
  * region starts on a 256-byte boundary):
  *   ids [T*K] i32 | weights [T*K] f32 | num_tiles and counters (256 bytes) | counts [E] i32 |
  *   offsets [E+1] i32 | cursor [E] i32 | sorted_slot [R] i32 | sorted_weight [R] f32 |
- *   tile_expert [M] i32 |
+ *   tile_expert [M] i32 | tile_row0 [M] i32 | expert_tiles [E+1] i32 |
  *   intermediate [R, I] 16-bit |
  *   buffer max(T*K*H*2, T*H*4) bytes (slot rows, or the fp32 accumulator)
  * with R = T*K + min(E, T*K) * (MAX_BLOCK_M - 1) (rows grow with BM) and
@@ -110,8 +110,8 @@ static fm_status check_ptr(const fm_context *ctx, const void *p, const char *nam
 enum { MOE_DYN_COUNTERS = 64, MOE_ALIGN_TICKET = 72 };
 
 typedef struct moe_layout {
-    size_t ids, weights, num_tiles, counts, offsets, cursor, sorted, sorted_w, tile_expert, inter,
-        buf, total;
+    size_t ids, weights, num_tiles, counts, offsets, cursor, sorted, sorted_w, tile_expert,
+        tile_row0, expert_tiles, inter, buf, total;
     long long max_rows, max_tiles;
 } moe_layout;
 
@@ -155,6 +155,10 @@ static void layout_of(const fm_moe_args *a, moe_layout *l) {
     off += up256((size_t)l->max_rows * 4);
     l->tile_expert = off;
     off += up256((size_t)l->max_tiles * 4);
+    l->tile_row0 = off;
+    off += up256((size_t)l->max_tiles * 4);
+    l->expert_tiles = off;
+    off += up256(((size_t)a->experts + 1) * 4);
     l->inter = off;
     off += up256((size_t)l->max_rows * I * 2);
     l->buf = off;
@@ -489,6 +493,12 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     ap.experts = E;
     ap.block_m = bm;
     ap.max_tiles = (int)l.max_tiles;
+    if (merge) {
+        /* the kernel's kMergeMax (moe_gemm_sm90_ws.cuh): 48 rows, 32 with clusters */
+        ap.merge_max = cluster > 1 ? 32 : 48;
+        ap.tile_row0 = (int *)(ws + l.tile_row0);
+        ap.expert_tiles = (int *)(ws + l.expert_tiles);
+    }
 
     fm_moe_gemm_params g1;
     memset(&g1, 0, sizeof g1);
@@ -498,6 +508,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     g1.sorted_slot = sorted;
     g1.tile_expert = tile_expert;
     g1.num_tiles = num_tiles;
+    g1.tile_row0 = ap.tile_row0;
+    g1.expert_tiles = ap.expert_tiles;
     g1.slot_weight = weights;
     g1.b_expert_stride = 2LL * I * H;
     g1.n = I;

@@ -7,6 +7,10 @@
  * sorted_slot[row] = slot id (token * K + k) or -1 for the padding rows of every expert;
  * sorted_weight[row] (when asked for) = that slot's routing weight, 0 for padding;
  * tile_expert[i] = expert of the i-th block_m-row tile; num_tiles = total rows / block_m.
+ * merge_max > 0 (ws_tail = merge) leaves each expert's last tile out of the list when it holds at
+ * most merge_max rows behind a full tile (the tile before it runs them); tile_row0[i] and
+ * expert_tiles[e] (first listed tile of each expert, then the count) say where the listed
+ * tiles are.
  * Rows past the total are not written: the GEMMs never read them (their tiles exit early).
  * Within one expert the order of slots is whatever the atomics give; each row of the GEMMs is
  * computed independently of the others, so the results do not depend on it.
@@ -66,6 +70,7 @@ fm_moe_align(const fm_moe_align_params p) {
     using namespace fm_moe_align_k;
     __shared__ int s_count[kE];
     __shared__ int s_off[kE + 1];
+    __shared__ int s_tile[kE + 1]; /* first listed tile of each expert, then the count */
     __shared__ int s_last;
 
     const int tid = threadIdx.x;
@@ -101,54 +106,71 @@ fm_moe_align(const fm_moe_align_params p) {
     /* ---- exclusive scan of the padded counts: warp 0, 16 experts per lane ---- */
     if (warp == 0) {
         constexpr int kPer = kE / 32;
-        int padded[kPer];
-        int run = 0;
+        int padded[kPer], listed[kPer];
+        int run = 0, run_t = 0;
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
             const int e = lane * kPer + j;
             const int c = e < E ? s_count[e] : 0;
             padded[j] = (c + BM - 1) / BM * BM;
+            /* merge_max: a last tile of at most merge_max rows behind a full one is not listed */
+            listed[j] = padded[j] / BM -
+                        (p.merge_max > 0 && c > BM && (c - 1) % BM + 1 <= p.merge_max ? 1 : 0);
             run += padded[j];
+            run_t += listed[j];
         }
-        int incl = run; /* inclusive scan of the lane totals */
+        int incl = run, incl_t = run_t; /* inclusive scans of the lane totals */
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
             const int v = __shfl_up_sync(0xffffffffu, incl, off);
-            if (lane >= off) incl += v;
+            const int vt = __shfl_up_sync(0xffffffffu, incl_t, off);
+            if (lane >= off) {
+                incl += v;
+                incl_t += vt;
+            }
         }
-        int start = incl - run;
+        int start = incl - run, start_t = incl_t - run_t;
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
             const int e = lane * kPer + j;
-            if (e < E) s_off[e] = start;
+            if (e < E) {
+                s_off[e] = start;
+                s_tile[e] = start_t;
+            }
             start += padded[j];
+            start_t += listed[j];
         }
-        if (lane == 31) s_off[E] = incl;
+        if (lane == 31) {
+            s_off[E] = incl;
+            s_tile[E] = incl_t;
+        }
     }
     __syncthreads();
 
     const int total = s_off[E];
-    const int tiles = total / BM;
+    const int tiles = s_tile[E]; /* total / BM, less the tiles merge_max leaves out */
     if (tid == 0) *p.num_tiles = tiles < p.max_tiles ? tiles : p.max_tiles;
     for (int e = tid; e < E; e += kThreads) {
         p.expert_offsets[e] = s_off[e];
         p.cursor[e] = s_off[e];
+        if (p.expert_tiles) p.expert_tiles[e] = s_tile[e];
     }
     if (tid == 0) p.expert_offsets[E] = total;
+    if (tid == 0 && p.expert_tiles) p.expert_tiles[E] = tiles;
 
-    /* ---- tile -> expert: binary search of each tile's first row in the offsets ---- */
+    /* ---- tile -> expert: binary search of each tile in the experts' first tiles ---- */
     for (int i = tid; i < tiles && i < p.max_tiles; i += kThreads) {
-        const int row = i * BM;
-        int lo = 0, hi = E - 1; /* last e with s_off[e] <= row (empty experts share offsets:
-                                   the last of them is the one that owns the row) */
+        int lo = 0, hi = E - 1; /* last e with s_tile[e] <= i (empty experts share first tiles:
+                                   the last of them is the one that owns the tile) */
         while (lo < hi) {
             const int mid = (lo + hi + 1) >> 1;
-            if (s_off[mid] <= row)
+            if (s_tile[mid] <= i)
                 lo = mid;
             else
                 hi = mid - 1;
         }
         p.tile_expert[i] = lo;
+        if (p.tile_row0) p.tile_row0[i] = s_off[lo] + (i - s_tile[lo]) * BM;
     }
 
     /* ---- padding rows: one warp per expert, lanes over its (fewer than BM) padding rows ---- */

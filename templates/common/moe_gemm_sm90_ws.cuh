@@ -208,6 +208,30 @@ constexpr int kHybridMax = 48;
  * have 216 registers: gemm1 with N = 48 spilled 12 bytes there. */
 constexpr int kMergeMax = kCluster > 1 ? 32 : kHybridMax;
 constexpr int kXIters = kMergeMax * 8 / 128; /* a merged slab's 16-byte chunks per producer thread */
+/* A swapped slab's N: its real rows rounded up to a multiple of this (the wgmma N granularity is
+ * 8). FM_MOE_SLAB_STEP = 16 gives the coarser steps of the first version (A/B builds). */
+#ifndef FM_MOE_SLAB_STEP
+#define FM_MOE_SLAB_STEP 8
+#endif
+constexpr int kSlabStep = FM_MOE_SLAB_STEP;
+static_assert(kSlabStep == 8 || kSlabStep == 16, "swapped slab widths step by 8 or 16");
+
+template <int V> struct fm_width {
+    static constexpr int value = V;
+};
+/* f(fm_width<N>{}) for the N among W, W + kSlabStep, .., MAX equal to n (n > MAX - kSlabStep:
+ * MAX), each N its own instantiation: a run-time width picks a compile-time one. */
+template <int W, int MAX, class F>
+static __device__ __forceinline__ void with_width(int n, const F &f) {
+    if constexpr (W >= MAX) {
+        f(fm_width<MAX>{});
+    } else {
+        if (n <= W)
+            f(fm_width<W>{});
+        else
+            with_width<W + kSlabStep, MAX>(n, f);
+    }
+}
 constexpr int kWBlocks = kBN / 64;          /* 64-row blocks of the weight stage */
 constexpr unsigned kBarHybrid = 10;         /* + cw: one consumer warpgroup's staged rows */
 constexpr unsigned kBarMerge = 13;          /* both consumers' staged rows of a merged slab */
@@ -226,19 +250,41 @@ static_assert((kConsumers * 64 + (kMerge ? kMergeMax : 0)) * kStagingRow2 <=
 /* ws_tail = merge: an expert whose last tile holds at most kMergeMax real rows (129..176
  * tokens in an expert's last two tiles, about half of DeepSeek-V3's experts at T = 4096) runs
  * them as a third, swapped slab of the tile before it, sharing that tile's weight stages: each
- * consumer adds N = 16/32/48 columns of products for two of the stage's four 64-row weight
- * blocks (gemm1: the gate and the up rows of its 64 output columns). The last tile itself is
- * skipped. Otherwise it streams the expert's whole weight tile a second time for a few rows:
- * uniform routing (no such tile) ran at 0.80x of the random-routing time (bench/NOTES.md,
- * ninth session). Returns, for M tile m_tile, the merged slab's N (0: none) and its real rows,
- * or -1 if the tile before it runs this tile. Producer and consumers decide alike. */
-static __device__ __forceinline__ int merge_rows(const fm_moe_gemm_params &p, int m_tile,
+ * consumer adds N = 8..48 columns of products for two of the stage's four 64-row weight blocks
+ * (gemm1: the gate and the up rows of its 64 output columns). Otherwise that last tile streams
+ * the expert's whole weight tile a second time for a few rows: uniform routing (no such tile)
+ * ran at 0.80x of the random-routing time (bench/NOTES.md, ninth session). The alignment
+ * (merge_max = kMergeMax) leaves such tiles out of the tile list, so no CTA is spent on them;
+ * listed tile i starts at padded row tile_row0[i]. Returns, for listed tile m_tile starting at
+ * row m0, the merged slab's N (0: none) and its real rows. */
+static __device__ __forceinline__ int merge_rows(const fm_moe_gemm_params &p, int m_tile, int m0,
                                                  int &xreal) {
     const int e = p.tile_expert[m_tile];
-    const int start = p.expert_offsets[e], r = start + p.expert_counts[e] - m_tile * kBM;
+    const int r = p.expert_offsets[e] + p.expert_counts[e] - m0;
     xreal = r - kBM;
-    if (m_tile * kBM != start && r <= kMergeMax) return -1;
-    return (r > kBM && r <= kBM + kMergeMax) ? (r - kBM + 15) / 16 * 16 : 0;
+    return (r > kBM && r <= kBM + kMergeMax) ? (r - kBM + kSlabStep - 1) / kSlabStep * kSlabStep
+                                              : 0;
+}
+
+/* First padded row of listed M tile m_tile (see merge_rows). */
+static __device__ __forceinline__ int tile_row(const fm_moe_gemm_params &p, int m_tile) {
+    return kMerge ? p.tile_row0[m_tile] : m_tile * kBM;
+}
+
+/* Tile t's M and N tile. With merge and one raster group per expert, the expert's listed tiles
+ * are expert_tiles[e] .. expert_tiles[e + 1] - 1 (not its padded rows / BLOCK_M). */
+static __device__ __forceinline__ void tile_at(int t, int m_tiles, const fm_moe_gemm_params &p,
+                                               int &m_tile, int &n_tile) {
+    if (kMerge && p.group_m == 0) {
+        const int e = p.tile_expert[t / p.n_tiles];
+        const int first = p.expert_tiles[e];
+        const int rows = p.expert_tiles[e + 1] - first;
+        const int local = t - first * p.n_tiles;
+        m_tile = first + local % rows;
+        n_tile = local / rows;
+    } else {
+        fm_moe::tile_coords(t, m_tiles, kBM, p, m_tile, n_tile);
+    }
 }
 
 /* Dynamic schedule, producer side: thread 0 takes the next tile index once the consumers have
@@ -276,14 +322,11 @@ static __device__ __forceinline__ bool pair_shares(const fm_moe_gemm_params &p, 
                                                    int total, int &m_own, int &n_own) {
     const int t0 = (int)blockIdx.x & ~1, t1 = t0 + 1;
     int m0 = 0, n0 = 0, m1 = 0, n1 = 0;
-    if (t0 < total) fm_moe::tile_coords(t0, m_tiles, kBM, p, m0, n0);
-    if (t1 < total) fm_moe::tile_coords(t1, m_tiles, kBM, p, m1, n1);
+    if (t0 < total) tile_at(t0, m_tiles, p, m0, n0);
+    if (t1 < total) tile_at(t1, m_tiles, p, m1, n1);
     m_own = (blockIdx.x & 1) ? m1 : m0;
     n_own = (blockIdx.x & 1) ? n1 : n0;
-    /* a tile merged into the one before it copies nothing (merge_rows) */
-    int xreal;
-    return t1 < total && n0 == n1 && p.tile_expert[m0] == p.tile_expert[m1] &&
-           !(kMerge && merge_rows(p, m1, xreal) < 0);
+    return t1 < total && n0 == n1 && p.tile_expert[m0] == p.tile_expert[m1];
 }
 
 /* Tile t's M and N tile; with clusters the one pair_shares gave (t is this CTA's only tile). */
@@ -293,7 +336,7 @@ static __device__ __forceinline__ void coords(const fm_moe_gemm_params &p, int t
         m_tile = m_own;
         n_tile = n_own;
     } else {
-        fm_moe::tile_coords(t, m_tiles, kBM, p, m_tile, n_tile);
+        tile_at(t, m_tiles, p, m_tile, n_tile);
     }
 }
 
@@ -333,10 +376,9 @@ static __device__ __forceinline__ void producer(const fm_tma_desc *tma_a, const 
         int m_tile, n_tile;
         coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
         const int expert = p.tile_expert[m_tile];
-        const int m0 = m_tile * kBM;
+        const int m0 = tile_row(p, m_tile);
         int xreal = 0;
-        const int hx = kMerge ? merge_rows(p, m_tile, xreal) : 0; /* rows of the merged slab */
-        if (hx < 0) continue; /* the tile before it runs it */
+        const int hx = kMerge ? merge_rows(p, m_tile, m0, xreal) : 0; /* rows of the merged slab */
 
         /* Token of each of this thread's rows, -1 for padding (tok_x: the merged slab's). */
         int tok[kGatherIters];
@@ -738,11 +780,10 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
         if (t >= total) break;
         int m_tile, n_tile;
         coords(p, t, m_tiles, m_own, n_own, m_tile, n_tile);
-        const int m0 = m_tile * kBM;
+        const int m0 = tile_row(p, m_tile);
         const int row0 = m0 + cw * 64;
         int xreal = 0;
-        const int hx = kMerge ? merge_rows(p, m_tile, xreal) : 0;
-        if (hx < 0) continue; /* the tile before it runs it */
+        const int hx = kMerge ? merge_rows(p, m_tile, m0, xreal) : 0;
         /* Padding rows close each expert's range: a warpgroup whose first row is padding has
          * no real row. Warp-uniform (one load, same address), so wgmma stays converged. */
         const bool active = p.sorted_slot[row0] >= 0;
@@ -768,31 +809,23 @@ static __device__ __forceinline__ void consumer(const fm_moe_gemm_params &p, uns
             const int e = p.tile_expert[m_tile];
             rows = min(64, p.expert_offsets[e] + p.expert_counts[e] - row0);
         }
-        const int hn = (rows + 15) / 16 * 16; /* the swapped products' N */
+        const int hn = (rows + kSlabStep - 1) / kSlabStep * kSlabStep; /* the swapped products' N */
         const int n_out0 = n_tile * (GATED ? kBN / 2 : kBN);
         const unsigned stage = s_base + (unsigned)(cw * 64 * (GATED ? kStagingRow1 : kStagingRow2));
         if (kMerge && hx > 0) { /* both slabs full (more than 128 rows), staged (one CTA per tile) */
-            if (hx == 16)
-                tile_merged<GATED, 16>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
-                                       shared, s_base, m0, xreal, n_out0, cw, wtid);
-            else if (hx == 32)
-                tile_merged<GATED, 32>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
-                                       shared, s_base, m0, xreal, n_out0, cw, wtid);
-            else if constexpr (kMergeMax == 48)
-                tile_merged<GATED, 48>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
-                                       shared, s_base, m0, xreal, n_out0, cw, wtid);
+            with_width<kSlabStep, kMergeMax>(hx, [&](auto w) {
+                tile_merged<GATED, decltype(w)::value>(p, a_desc0, b_desc0, bar_full, bar_empty,
+                                                       k_tiles, it, shared, s_base, m0, xreal,
+                                                       n_out0, cw, wtid);
+            });
             continue;
         }
         if (kHybrid && staged && hn <= kHybridMax) {
-            if (hn == 16)
-                slab_swapped<GATED, 16>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
-                                        shared, stage, row0, rows, n_out0, cw, wtid);
-            else if (hn == 32)
-                slab_swapped<GATED, 32>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
-                                        shared, stage, row0, rows, n_out0, cw, wtid);
-            else
-                slab_swapped<GATED, 48>(p, a_desc0, b_desc0, bar_full, bar_empty, k_tiles, it,
-                                        shared, stage, row0, rows, n_out0, cw, wtid);
+            with_width<kSlabStep, kHybridMax>(hn, [&](auto w) {
+                slab_swapped<GATED, decltype(w)::value>(p, a_desc0, b_desc0, bar_full, bar_empty,
+                                                        k_tiles, it, shared, stage, row0, rows,
+                                                        n_out0, cw, wtid);
+            });
             continue;
         }
         float acc[kAcc];

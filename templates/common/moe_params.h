@@ -9,7 +9,9 @@
  * all. The alignment kernel sorts slots by expert into "padded rows": expert e owns rows
  * [expert_offsets[e], expert_offsets[e+1]), a multiple of the GEMM tile BLOCK_M, the first
  * counts[e] of them holding its slots and the rest padding (slot id -1). Tile i of BLOCK_M
- * rows belongs to expert tile_expert[i]; *num_tiles tiles are real.
+ * rows belongs to expert tile_expert[i]; *num_tiles tiles are real. With merge_max > 0
+ * (ws_tail = merge) the list leaves out each expert's last tile when it holds at most merge_max
+ * rows (the tile before it runs them), so tile i starts at row tile_row0[i], not i * BLOCK_M.
  */
 #ifndef FM_MOE_PARAMS_H
 #define FM_MOE_PARAMS_H
@@ -51,10 +53,15 @@ typedef struct fm_moe_align_params {
     int *cursor;            /* [E] scratch: next free row of each expert (fm_moe_align_place) */
     int *ticket;            /* [1] scratch: CTAs of fm_moe_align done; zero before the launch,
                              * as expert_counts (both accumulate) */
+    int *tile_row0;         /* [max_tiles] out or 0: first padded row of each tile */
+    int *expert_tiles;      /* [E + 1] out or 0: index of each expert's first tile, then the count */
     int slots;              /* T * K */
     int experts;
     int block_m;
     int max_tiles;          /* capacity of tile_expert (a bound the host computed) */
+    int merge_max;          /* > 0 (ws_tail = merge): an expert's last tile of at most this many
+                             * rows is not listed; the tile before it runs those rows */
+    int pad_;
 } fm_moe_align_params;
 
 /* Routing slots per CTA of the two alignment kernels: threads x this many. */
@@ -89,6 +96,8 @@ typedef struct fm_moe_gemm_params {
     const int *expert_offsets; /* [E + 1] first padded row of each expert */
     const float *sorted_weight; /* [rows] routing weight per padded row (pipe = swap, gemm2) */
     int *tile_counter;          /* ws_grid = dynamic: next tile to take, zeroed before launch */
+    const int *tile_row0;       /* ws_tail = merge: [tiles] first padded row of each listed tile */
+    const int *expert_tiles;    /* ws_tail = merge: [E + 1] each expert's first listed tile */
 } fm_moe_gemm_params;
 
 /* Combine: out[t] = sum_k slot_buf[t*K + k] (combine = slot) or out[t] = acc[t] (atomic),

@@ -356,7 +356,10 @@ template <int N> struct fm_wgmma;
 #define FM_WG_A13 "%104, %105, %106, %107, %108, %109, %110, %111"
 #define FM_WG_A14 "%112, %113, %114, %115, %116, %117, %118, %119"
 #define FM_WG_A15 "%120, %121, %122, %123, %124, %125, %126, %127"
+#define FM_WG_OPS_4 "%0, %1, %2, %3"
 #define FM_WG_OPS_8 FM_WG_A0
+#define FM_WG_OPS_12 FM_WG_OPS_8 ", %8, %9, %10, %11"
+#define FM_WG_OPS_20 FM_WG_OPS_16 ", %16, %17, %18, %19"
 #define FM_WG_OPS_16 FM_WG_OPS_8 ", " FM_WG_A1
 #define FM_WG_OPS_24 FM_WG_OPS_16 ", " FM_WG_A2
 #define FM_WG_OPS_32 FM_WG_OPS_24 ", " FM_WG_A3
@@ -374,7 +377,11 @@ template <int N> struct fm_wgmma;
 #define FM_WG_OPS_128 FM_WG_OPS_120 ", " FM_WG_A15
 #define FM_WG_C8(d, b) "+f"(d[b + 0]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), \
     "+f"(d[b + 4]), "+f"(d[b + 5]), "+f"(d[b + 6]), "+f"(d[b + 7])
+#define FM_WG_C4(d, b) "+f"(d[b + 0]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3])
+#define FM_WG_CONS_4(d) FM_WG_C4(d, 0)
 #define FM_WG_CONS_8(d) FM_WG_C8(d, 0)
+#define FM_WG_CONS_12(d) FM_WG_CONS_8(d), FM_WG_C4(d, 8)
+#define FM_WG_CONS_20(d) FM_WG_CONS_16(d), FM_WG_C4(d, 16)
 #define FM_WG_CONS_16(d) FM_WG_CONS_8(d), FM_WG_C8(d, 8)
 #define FM_WG_CONS_24(d) FM_WG_CONS_16(d), FM_WG_C8(d, 16)
 #define FM_WG_CONS_32(d) FM_WG_CONS_24(d), FM_WG_C8(d, 24)
@@ -390,8 +397,12 @@ template <int N> struct fm_wgmma;
 #define FM_WG_CONS_112(d) FM_WG_CONS_104(d), FM_WG_C8(d, 104)
 #define FM_WG_CONS_120(d) FM_WG_CONS_112(d), FM_WG_C8(d, 112)
 #define FM_WG_CONS_128(d) FM_WG_CONS_120(d), FM_WG_C8(d, 120)
-/* N = 16..256 in steps of 16; the literal numbers are the operand indices K = N/2 .. K+6 of the
- * scalar operands (ss: a, b, scale_d, tb; rs: a0..a3, b, scale_d, tb). */
+/* N = 16..256 in steps of 16, and 8, 24, 40 (the swapped slabs of the MoE GEMMs: tokens as N,
+ * in steps of 8); the literal numbers are the operand indices K = N/2 .. K+6 of the scalar
+ * operands (ss: a, b, scale_d, tb; rs: a0..a3, b, scale_d, tb). */
+FM_WGMMA_DEFINE(8, 4, "4", "5", "6", "7", "8", "9", "10")
+FM_WGMMA_DEFINE(24, 12, "12", "13", "14", "15", "16", "17", "18")
+FM_WGMMA_DEFINE(40, 20, "20", "21", "22", "23", "24", "25", "26")
 FM_WGMMA_DEFINE(16, 8, "8", "9", "10", "11", "12", "13", "14")
 FM_WGMMA_DEFINE(32, 16, "16", "17", "18", "19", "20", "21", "22")
 FM_WGMMA_DEFINE(48, 24, "24", "25", "26", "27", "28", "29", "30")

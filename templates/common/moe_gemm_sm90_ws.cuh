@@ -233,6 +233,7 @@ static __device__ __forceinline__ void with_width(int n, const F &f) {
     }
 }
 constexpr int kWBlocks = kBN / 64;          /* 64-row blocks of the weight stage */
+constexpr unsigned kWBlockDesc = (64 * kRowBytes) >> 4; /* one such block, descriptor units */
 constexpr unsigned kBarHybrid = 10;         /* + cw: one consumer warpgroup's staged rows */
 constexpr unsigned kBarMerge = 13;          /* both consumers' staged rows of a merged slab */
 #if FM_WS_MERGE
@@ -608,7 +609,6 @@ static __device__ __forceinline__ void mainloop_swapped(float (&acc)[kWBlocks * 
                                                         unsigned bar_full, unsigned bar_empty,
                                                         int k_tiles, int &it, int lane,
                                                         bool shared) {
-    constexpr unsigned kBlockDesc = (64 * kRowBytes) >> 4;
 #pragma unroll
     for (int i = 0; i < kWBlocks * N / 2; ++i) acc[i] = 0.f;
     kloop(
@@ -619,7 +619,7 @@ static __device__ __forceinline__ void mainloop_swapped(float (&acc)[kWBlocks * 
                 for (int b = 0; b < kWBlocks; ++b) {
                     float(&d)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&acc[b * (N / 2)]);
                     fm_wgmma<N>::template ss<FM_DTYPE_BF16, 0>(
-                        d, bd + (unsigned)(b * kBlockDesc + 2 * ks), ad + (unsigned)(2 * ks), 1);
+                        d, bd + (unsigned)(b * kWBlockDesc + 2 * ks), ad + (unsigned)(2 * ks), 1);
                 }
             }
         },
@@ -724,7 +724,7 @@ static __device__ __forceinline__ void tile_merged(const fm_moe_gemm_params &p,
                                                    unsigned bar_empty, int k_tiles, int &it,
                                                    bool shared, unsigned s_base, int m0,
                                                    int xreal, int n_out0, int cw, int wtid) {
-    constexpr unsigned kBlockDesc = (64 * kRowBytes) >> 4, kXDesc = kBBytes >> 4;
+    constexpr unsigned kXDesc = kBBytes >> 4;
     constexpr int kRow = GATED ? kStagingRow1 : kStagingRow2;
     const int warp = wtid / 32, lane = wtid % 32;
     float acc[kAcc];
@@ -742,7 +742,7 @@ static __device__ __forceinline__ void tile_merged(const fm_moe_gemm_params &p,
                 for (int b = 0; b < 2; ++b) {
                     float(&db)[N / 2] = *reinterpret_cast<float(*)[N / 2]>(&d[b * (N / 2)]);
                     fm_wgmma<N>::template ss<FM_DTYPE_BF16, 0>(
-                        db, bd + (unsigned)((cw + 2 * b) * kBlockDesc + 2 * ks),
+                        db, bd + (unsigned)((cw + 2 * b) * kWBlockDesc + 2 * ks),
                         bd + (unsigned)(kXDesc + 2 * ks), 1);
                 }
             }

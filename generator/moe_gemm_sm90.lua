@@ -27,6 +27,16 @@ end
 -- (block_m 192) the producer's 6 KB table of gathered token indices. swap: its own rings,
 -- stages of weights (block_n rows) and x_stages of tokens (block_m rows), the table of the
 -- tile's token indices and each consumer's table of its tokens' slots and weights.
+-- ws_tail = merge: the most real rows a merged slab holds (0: no merge). The kernel is compiled
+-- with it (FM_WS_MERGE) and the alignment kernel must leave out of the tile list exactly the
+-- tails this many rows or shorter, so the host passes it on from the launch facts. 48 as the
+-- hybrid slab; 32 with clusters, whose consumers have 216 registers: gemm1 with 48 spilled 12
+-- bytes there (bench/NOTES.md, tenth session).
+local function merge_rows(c)
+  if c.ws_tail ~= "merge" then return 0 end
+  return c.ws_cluster > 1 and 32 or 48
+end
+
 local function smem(c)
   if c.pipe == "swap" then
     return c.stages * c.block_n * 128 + c.x_stages * c.block_m * 128 + 2048 + c.block_m * 4
@@ -240,9 +250,11 @@ return {
       FM_X_STAGES = c.pipe == "swap" and c.x_stages or nil,
       FM_WS_CLUSTER = c.ws_cluster ~= 1 and c.ws_cluster or nil,
       FM_WS_DYNAMIC = c.ws_grid == "dynamic" and 1 or nil,
-      FM_WS_MERGE = c.ws_tail == "merge" and 1 or nil,
+      FM_WS_MERGE = c.ws_tail == "merge" and merge_rows(c) or nil,
     }
   end,
+
+  launch = function(c) return { merge_rows = merge_rows(c) } end,
 
   threads = function(c)
     if c.pipe == "sync" then return c.block_m // 64 * 128 end

@@ -124,7 +124,9 @@ local function expand(path, seen, out)
 end
 
 -- Renders configuration c of family F: returns a table {source, entry, threads, smem_bytes,
--- template_hash, arch_suffix, min_arch}.
+-- template_hash, arch_suffix, min_arch, launch}. launch: integers the host needs to launch the
+-- kernel that are derived from c (F.launch(c); e.g. a limit the kernel is compiled with and the
+-- host must pass on to another kernel), so that the family states them once.
 function space.render(F, c)
   local parts = {}
   expand(F.template, {}, parts)
@@ -149,6 +151,7 @@ function space.render(F, c)
     template_hash = space.hash(body),
     arch_suffix = F.arch_suffix or "",
     min_arch = F.min_arch,
+    launch = F.launch and F.launch(c) or {},
   }
 end
 

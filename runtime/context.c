@@ -220,6 +220,7 @@ static fm_status load_locked(fm_context *ctx, const fm_config *c, const fm_loade
     k->cfg = *c;
     k->threads = r.threads;
     k->smem_bytes = r.smem_bytes;
+    k->launch = r.launch;
     const fm_driver *d = ctx->drv;
     if ((s = fm_context_enter(ctx)) == FM_OK) {
         CUresult cr = d->cuModuleLoadData(&k->module, cubin);

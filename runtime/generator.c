@@ -279,7 +279,17 @@ fm_status fm_generator_render(fm_generator *g, const fm_config *c, fm_rendered *
     out->threads = field_int(L, t, "threads");
     out->smem_bytes = field_int(L, t, "smem_bytes");
     out->min_arch = field_int(L, t, "min_arch");
-    lua_pop(L, 1);
+    lua_getfield(L, t, "launch");
+    if (lua_istable(L, -1)) {
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            /* keys are strings, values integers (lua_isinteger: no string coercion) */
+            if (lua_type(L, -2) == LUA_TSTRING && lua_isinteger(L, -1))
+                fm_config_set_int(&out->launch, lua_tostring(L, -2), lua_tointeger(L, -1));
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 2);
     if (!out->source) return FM_ERR_OUT_OF_MEMORY;
     return FM_OK;
 }

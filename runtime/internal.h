@@ -78,6 +78,7 @@ typedef struct fm_rendered {
     int smem_bytes;       /* dynamic shared memory */
     int min_arch;
     char template_hash[17]; /* FNV-1a of the template sources the render used */
+    fm_config launch;     /* the family's launch facts (generator/space.lua, render), integers */
 } fm_rendered;
 fm_status fm_generator_render(fm_generator *g, const fm_config *c, fm_rendered *out, char *err,
                               size_t errlen);
@@ -123,6 +124,7 @@ typedef struct fm_loaded {
     int threads, smem_bytes;
     int max_clusters; /* clusters of the configuration's size resident at once (0: not asked yet) */
     fm_config cfg;
+    fm_config launch; /* fm_rendered.launch */
     struct fm_loaded *next;
 } fm_loaded;
 

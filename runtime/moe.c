@@ -446,6 +446,9 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     /* an expert's short last tile run by the tile before it (moe_gemm_sm90_ws.cuh, merge_rows) */
     const char *ws_tail = fm_config_str(cfg, "ws_tail");
     const int merge = ws_tail && strcmp(ws_tail, "merge") == 0;
+    /* the most rows the kernel merges (a launch fact of the generator): the alignment must leave
+     * exactly the tails this short out of the tile list */
+    const int merge_rows = merge ? (int)fm_config_int(&gemm->launch, "merge_rows", 0) : 0;
     if (bm < FM_MOE_MIN_BLOCK_M || bm > FM_MOE_MAX_BLOCK_M || bn < 16 || bk < 16 ||
         a->hidden % bk || a->intermediate % bk || split < 1 || (split > 1 && !atomic) ||
         (ws_pipe && !swap_pipe && ((bm != 128 && bm != 192) || bk != 64 || split != 1 ||
@@ -453,7 +456,8 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
         (swap_pipe && (bm < 128 || bm % 64 || bk != 64 || split != 1 || (bn != 128 && bn != 192))) ||
         (cluster != 1 && (cluster != 2 || !ws_pipe || swap_pipe || !ws_tiles || group_m % 2)) ||
         (ws_dynamic && (!ws_pipe || swap_pipe)) ||
-        (merge && (!ws_pipe || swap_pipe || !ws_tiles || bm != 128 || bn != 256 || atomic)))
+        (merge && (!ws_pipe || swap_pipe || !ws_tiles || bm != 128 || bn != 256 || atomic ||
+                   merge_rows < 1 || merge_rows > 64)))
         return fm_set_error(ctx, FM_ERR_INTERNAL,
                             "moe: configuration %s has unusable tile parameters", gemm->name);
 
@@ -494,8 +498,7 @@ fm_status fm_moe_launch(fm_context *ctx, const fm_loaded *gemm, const fm_moe_arg
     ap.block_m = bm;
     ap.max_tiles = (int)l.max_tiles;
     if (merge) {
-        /* the kernel's kMergeMax (moe_gemm_sm90_ws.cuh): 48 rows, 32 with clusters */
-        ap.merge_max = cluster > 1 ? 32 : 48;
+        ap.merge_max = merge_rows;
         ap.tile_row0 = (int *)(ws + l.tile_row0);
         ap.expert_tiles = (int *)(ws + l.expert_tiles);
     }

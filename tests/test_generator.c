@@ -174,6 +174,46 @@ static void test_shipped_db(fm_generator *g) {
     fm_db_close(db);
 }
 
+/* Launch facts: a number both the kernel's build and the host's launch need is stated once, by
+ * the family (generator/moe_gemm_sm90.lua, merge_rows): the render's launch table and the
+ * define the kernel is compiled with agree, for each variant that has it, and it is absent
+ * (0) where the variant does not merge. */
+static void test_launch_facts(fm_generator *g) {
+    const struct {
+        const char *params;
+        long long merge_rows;
+    } v[] = {
+        {"dtype=bf16,pipe=ws,block_m=128,block_n=256,stages=4,group_m=0,split_k=1,combine=slot,"
+         "ws_grid=tiles,x_stages=3,ws_cluster=1,ws_tail=merge", 48},
+        {"dtype=fp16,pipe=ws,block_m=128,block_n=256,stages=4,group_m=8,split_k=1,combine=slot,"
+         "ws_grid=tiles,x_stages=3,ws_cluster=2,ws_tail=merge", 32},
+        {"dtype=bf16,pipe=ws,block_m=128,block_n=256,stages=4,group_m=0,split_k=1,combine=slot,"
+         "ws_grid=tiles,x_stages=3,ws_cluster=1,ws_tail=tile", 0},
+    };
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+        char err[1024] = "";
+        fm_config c;
+        memset(&c, 0, sizeof c);
+        snprintf(c.family, sizeof c.family, "moe_gemm_sm90");
+        CHECK(fm_config_parse_params(&c, v[i].params) == 0, "parse %s", v[i].params);
+        CHECK(fm_generator_name(g, &c, err, sizeof err) == FM_OK, "name: %s", err);
+        fm_rendered r;
+        memset(&r, 0, sizeof r);
+        CHECK(fm_generator_render(g, &c, &r, err, sizeof err) == FM_OK, "render %s: %s", c.name,
+              err);
+        if (!r.source) continue;
+        const long long got = fm_config_int(&r.launch, "merge_rows", -1);
+        CHECK(got == v[i].merge_rows, "%s: launch merge_rows %lld, expected %lld", c.name, got,
+              v[i].merge_rows);
+        /* the first definition wins: the generator's, or else the template's default of 0 */
+        const char *d = strstr(r.source, "#define FM_WS_MERGE ");
+        CHECK(d && atoll(d + strlen("#define FM_WS_MERGE ")) == v[i].merge_rows,
+              "%s: the source's FM_WS_MERGE does not match the launch facts (%lld)", c.name,
+              v[i].merge_rows);
+        fm_rendered_free(&r);
+    }
+}
+
 int main(void) {
     test_ptxas_log();
     char err[1024] = "";
@@ -181,6 +221,7 @@ int main(void) {
     CHECK(fm_generator_open(&g, err, sizeof err) == FM_OK, "open: %s", err);
     if (!g) return fm_check_report();
     test_stored_before_axis(g);
+    test_launch_facts(g);
     test_shipped_db(g);
 
     char fams[512] = "";

@@ -161,8 +161,9 @@ constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kRowBytes = kBK * 2;            /* 128 */
 constexpr int kABytes = kBM * kRowBytes;      /* 16 or 24 KB */
 constexpr int kBBytes = kBN * kRowBytes;      /* 16 or 32 KB */
-/* ws_tail = merge (FM_WS_MERGE, see merge_rows): each stage also holds a third slab of up to 64
- * token rows (X, behind the weights), and gemm2's intermediate rows come in boxes of 64. */
+/* ws_tail = merge (FM_WS_MERGE = the merged slab's most real rows, see merge_rows): each stage
+ * also holds a third slab of up to 64 token rows (X, behind the weights), and gemm2's
+ * intermediate rows come in boxes of 64. */
 #ifndef FM_WS_MERGE
 #define FM_WS_MERGE 0
 #endif
@@ -204,9 +205,9 @@ constexpr int kStagingRow1 = kOutCols1 * 2 + 16, kStagingRow2 = kOutCols2 * 2 + 
 #endif
 constexpr bool kHybrid = FM_MOE_HYBRID != 0;
 constexpr int kHybridMax = 48;
-/* Rows of a merged slab (merge_rows): 48 as the hybrid slab, 32 in clusters, whose consumers
- * have 216 registers: gemm1 with N = 48 spilled 12 bytes there. */
-constexpr int kMergeMax = kCluster > 1 ? 32 : kHybridMax;
+/* Rows of a merged slab (merge_rows), set by the generator (generator/moe_gemm_sm90.lua,
+ * merge_rows), which gives the host the same number for the alignment. */
+constexpr int kMergeMax = kMerge ? FM_WS_MERGE : kHybridMax;
 constexpr int kXIters = kMergeMax * 8 / 128; /* a merged slab's 16-byte chunks per producer thread */
 /* A swapped slab's N: its real rows rounded up to a multiple of this (the wgmma N granularity is
  * 8). FM_MOE_SLAB_STEP = 16 gives the coarser steps of the first version (A/B builds). */
@@ -215,6 +216,7 @@ constexpr int kXIters = kMergeMax * 8 / 128; /* a merged slab's 16-byte chunks p
 #endif
 constexpr int kSlabStep = FM_MOE_SLAB_STEP;
 static_assert(kSlabStep == 8 || kSlabStep == 16, "swapped slab widths step by 8 or 16");
+static_assert(kMergeMax % kSlabStep == 0 && kMergeMax <= 64, "a merged slab fits X in whole steps");
 
 template <int V> struct fm_width {
     static constexpr int value = V;
@@ -255,7 +257,8 @@ static_assert((kConsumers * 64 + (kMerge ? kMergeMax : 0)) * kStagingRow2 <=
  * (gemm1: the gate and the up rows of its 64 output columns). Otherwise that last tile streams
  * the expert's whole weight tile a second time for a few rows: uniform routing (no such tile)
  * ran at 0.80x of the random-routing time (bench/NOTES.md, ninth session). The alignment
- * (merge_max = kMergeMax) leaves such tiles out of the tile list, so no CTA is spent on them;
+ * (merge_max = kMergeMax: the host passes the generator's launch fact merge_rows, the number
+ * FM_WS_MERGE carries) leaves such tiles out of the tile list, so no CTA is spent on them;
  * listed tile i starts at padded row tile_row0[i]. Returns, for listed tile m_tile starting at
  * row m0, the merged slab's N (0: none) and its real rows. */
 static __device__ __forceinline__ int merge_rows(const fm_moe_gemm_params &p, int m_tile, int m0,

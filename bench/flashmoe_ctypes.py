@@ -104,4 +104,4 @@ class FlashMoE:
         s = self.lib.fm_attention_select(self.ctx, ctypes.byref(args), ctypes.byref(sel))
         if s != 0:
             raise RuntimeError("fm_attention_select: %s" % self.error())
-        return sel.config.decode(), ("exact", "nearest", "default")[sel.source], sel.tuned_shape.decode()
+        return sel.config.decode(), ("exact", "nearest", "default", "other_dtype")[sel.source], sel.tuned_shape.decode()

@@ -103,7 +103,16 @@ void fm_attention_args_contiguous(fm_attention_args *a);
 fm_status fm_attention_fwd(fm_context *ctx, const fm_attention_args *args, void *stream);
 
 /* What fm_attention_fwd would run for these arguments, without running it. */
-typedef enum fm_source { FM_SOURCE_EXACT = 0, FM_SOURCE_NEAREST = 1, FM_SOURCE_DEFAULT = 2 } fm_source;
+/* How the configuration was found: the tuned entry of this device, shape and type; the nearest
+ * tuned shape of this device or of another of the same architecture; the default of the
+ * architecture; or (OTHER_DTYPE) the entry found those ways for the other 16-bit type (bf16 for
+ * an fp16 call and the other way round), run in this call's type. */
+typedef enum fm_source {
+    FM_SOURCE_EXACT = 0,
+    FM_SOURCE_NEAREST = 1,
+    FM_SOURCE_DEFAULT = 2,
+    FM_SOURCE_OTHER_DTYPE = 3
+} fm_source;
 typedef struct fm_selection {
     char config[160];  /* canonical configuration name */
     fm_source source;  /* how it was found */

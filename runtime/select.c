@@ -5,7 +5,11 @@
  *   1. the exact tuned best for this device and shape, in the user's database, then the shipped one;
  *   2. the nearest tuned shape of this device (the operation's distance decides what may stand in);
  *   3. the nearest tuned shape of any device of the same architecture (an H200 entry for an H100);
- *   4. the operation's per-architecture default.
+ *   4. steps 1-3 for the other 16-bit type (bf16 data for an fp16 call and the other way round),
+ *      the configuration taken over with this call's type: the kernels of the two types differ
+ *      only in their element conversions (same tiles, pipelines and tensor-core rate), so the
+ *      configuration tuned for one is a far better guess for the other than the default;
+ *   5. the operation's per-architecture default.
  * The answer is remembered per (op, dtype, shape) for the life of the context (ctx->memo), so
  * the database is read once per new shape, not once per call.
  */
@@ -106,6 +110,36 @@ static fm_status lookup(fm_context *ctx, const char *op, const char *dtype, cons
     return FM_OK;
 }
 
+/* The other 16-bit element type, or NULL. */
+static const char *sibling_dtype(const char *dtype) {
+    if (strcmp(dtype, "bf16") == 0) return "fp16";
+    if (strcmp(dtype, "fp16") == 0) return "bf16";
+    return NULL;
+}
+
+/* Step 4 (see the header): the other type's entry as a configuration of `dtype`, named anew.
+ * *found stays 0 when there is none, or when the family does not name it in this type (a
+ * configuration the generator no longer has); the default serves then. */
+static fm_status lookup_sibling(fm_context *ctx, const char *op, const char *dtype,
+                                const char *shape, fm_shape_distance dist, fm_config *out,
+                                fm_selection *sel, int *found) {
+    const char *sib = sibling_dtype(dtype);
+    *found = 0;
+    if (!sib) return FM_OK;
+    fm_config c;
+    fm_status s = lookup(ctx, op, sib, shape, dist, &c, sel, found);
+    if (s != FM_OK || !*found) return s;
+    char err[512] = "";
+    if (fm_config_set_str(&c, "dtype", dtype) != 0 ||
+        fm_generator_name(ctx->gen, &c, err, sizeof err) != FM_OK) {
+        *found = 0;
+        return FM_OK;
+    }
+    sel->source = FM_SOURCE_OTHER_DTYPE;
+    *out = c;
+    return FM_OK;
+}
+
 fm_status fm_select(fm_context *ctx, const char *op, const char *dtype, const char *shape,
                     fm_shape_distance dist, const fm_config *dflt, fm_config *out,
                     fm_selection *sel) {
@@ -125,6 +159,7 @@ fm_status fm_select(fm_context *ctx, const char *op, const char *dtype, const ch
         }
     int found = 0;
     fm_status s = lookup(ctx, op, dtype, shape, dist, out, sel, &found);
+    if (s == FM_OK && !found) s = lookup_sibling(ctx, op, dtype, shape, dist, out, sel, &found);
     if (s != FM_OK) {
         pthread_mutex_unlock(&ctx->lock);
         return s;

@@ -46,7 +46,10 @@ int main(int argc, char **argv) {
     s = fm_attention_select(ctx, &a, &sel);
     CHECK(s == FM_OK, "select: %s", fm_last_error(ctx));
     printf("served %s (source %s, tuned shape %s)\n", sel.config,
-           sel.source == FM_SOURCE_EXACT ? "exact" : sel.source == FM_SOURCE_NEAREST ? "nearest" : "default",
+           sel.source == FM_SOURCE_EXACT         ? "exact"
+           : sel.source == FM_SOURCE_NEAREST     ? "nearest"
+           : sel.source == FM_SOURCE_OTHER_DTYPE ? "other dtype"
+                                                 : "default",
            sel.tuned_shape);
     CHECK(sel.source == FM_SOURCE_EXACT, "the tuned shape was not served from the database");
     /* the configuration is the database's best */

@@ -51,6 +51,38 @@ static void add(const char *path, const char *device, int cc, const char *shape,
     fm_db_close(db);
 }
 
+/* A measured configuration given whole (family, name and every parameter), of type dtype. */
+static void add_config(const char *path, const char *device, const char *dtype, const char *shape,
+                       const fm_config *c, double ms) {
+    char err[512] = "";
+    fm_db *db = NULL;
+    CHECK(fm_db_open(&db, path, FM_DB_CREATE, err, sizeof err) == FM_OK, "%s", err);
+    if (!db) return;
+    fm_db_device d;
+    memset(&d, 0, sizeof d);
+    snprintf(d.name, sizeof d.name, "%s", device);
+    d.cc_major = 9;
+    d.sm_count = 132;
+    long long did = 0, cid = 0;
+    CHECK(fm_db_upsert_device(db, &d, &did, err, sizeof err) == FM_OK, "%s", err);
+    char params[2304];
+    fm_config_params_string(c, params, sizeof params);
+    CHECK(fm_db_upsert_config(db, c->family, c->name, params, "0123456789abcdef", &cid, err,
+                              sizeof err) == FM_OK, "%s", err);
+    fm_db_measurement m;
+    fm_db_measurement_init(&m);
+    m.device_id = did;
+    m.config_id = cid;
+    m.op = "attn_fwd";
+    m.dtype = dtype;
+    m.shape = shape;
+    m.status = "ok";
+    m.median_ms = ms;
+    m.runs = 10;
+    CHECK(fm_db_add_measurement(db, &m, err, sizeof err) == FM_OK, "%s", err);
+    fm_db_close(db);
+}
+
 static fm_context *fake_context(const char *user, const char *shipped) {
     fm_context *ctx = calloc(1, sizeof *ctx);
     snprintf(ctx->device_name, sizeof ctx->device_name, "NVIDIA H100 80GB HBM3");
@@ -161,6 +193,53 @@ int main(void) {
           "H200 entry not used for the H100: %s (%d)", s.config, s.source);
     s = pick(ctx, args(4, 2048, 64, 1));
     CHECK(s.source == FM_SOURCE_DEFAULT, "A100 entry used on an H100: %s", s.config);
+
+    free_context(ctx);
+
+    /* 6b. the other 16-bit type stands in after every entry of the call's own type, with its
+     *     configuration renamed for this type; an entry of the own type, even of another shape,
+     *     comes first */
+    {
+        char sib[300], err[512] = "";
+        snprintf(sib, sizeof sib, "%s/sibling.sqlite", dir);
+        ctx = fake_context(NULL, NULL);
+        fm_config prob, bf, fp;
+        memset(&prob, 0, sizeof prob);
+        fm_config_set_str(&prob, "dtype", "bf16");
+        fm_config_set_int(&prob, "head_dim", 128);
+        fm_config_set_int(&prob, "causal", 0);
+        CHECK(fm_generator_default(ctx->gen, "attn_fwd", &prob, &ctx->limits, &bf, err,
+                                   sizeof err) == FM_OK, "%s", err);
+        fp = bf;
+        fm_config_set_str(&fp, "dtype", "fp16");
+        CHECK(fm_generator_name(ctx->gen, &fp, err, sizeof err) == FM_OK, "%s", err);
+        free_context(ctx);
+        const char *sh = "b=2,sq=2048,sk=2048,h=16,hkv=16,d=128,causal=0";
+        add_config(sib, h100, "bf16", sh, &bf, 1.0);
+        ctx = fake_context(sib, NULL);
+        s = pick(ctx, args(2, 2048, 128, 0));
+        CHECK(s.source == FM_SOURCE_EXACT && !strcmp(s.config, bf.name), "bf16: %s (%d)",
+              s.config, s.source);
+        fm_attention_args a16 = args(2, 2048, 128, 0);
+        a16.dtype = FM_DTYPE_FP16;
+        s = pick(ctx, a16);
+        CHECK(s.source == FM_SOURCE_OTHER_DTYPE && !strcmp(s.config, fp.name) &&
+                  !strcmp(s.tuned_shape, sh),
+              "fp16 not served the bf16 entry as fp16: %s (%d, %s), expected %s", s.config,
+              s.source, s.tuned_shape, fp.name);
+        CHECK(strstr(s.config, "bf16") == NULL, "fp16 served a bf16 kernel: %s", s.config);
+        free_context(ctx);
+        /* an fp16 entry of another shape (nearest) wins over the bf16 entry of this shape */
+        fm_config fp2 = fp;
+        add_config(sib, h100, "fp16", "b=2,sq=8192,sk=8192,h=16,hkv=16,d=128,causal=0", &fp2,
+                   4.0);
+        ctx = fake_context(sib, NULL);
+        s = pick(ctx, a16);
+        CHECK(s.source == FM_SOURCE_NEAREST, "fp16 data of another shape did not come first (%d)",
+              s.source);
+        free_context(ctx);
+    }
+    ctx = fake_context(other, NULL);
 
     /* 7. validation: clear errors, nothing selected */
     fm_attention_args a = args(1, 128, 96, 0);

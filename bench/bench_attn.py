@@ -88,13 +88,27 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--ref-lib", default="",
                     help="another build of the library to time interleaved (A/B of a change)")
+    ap.add_argument("--ref-shipped-db", default="",
+                    help="with --ref-lib: the shipped database the ref library's context reads "
+                         "(the same library file twice: the A/B of a database change)")
     ap.add_argument("--only", default="",
                     help="comma-separated D:causal:S points (and/or 'mission') to run, e.g. 128:0:4096")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     fm = FlashMoE(args.lib)
-    reflib = FlashMoE(args.ref_lib) if args.ref_lib else None
+    reflib = None
+    if args.ref_lib:
+        # the ref context reads its own shipped database (FLASHMOE_SHIPPED_DB is read when a
+        # context is created): the A/B of a database change with one library
+        saved = os.environ.get("FLASHMOE_SHIPPED_DB")
+        if args.ref_shipped_db:
+            os.environ["FLASHMOE_SHIPPED_DB"] = os.path.abspath(args.ref_shipped_db)
+        reflib = FlashMoE(args.ref_lib)
+        if saved is None:
+            os.environ.pop("FLASHMOE_SHIPPED_DB", None)
+        else:
+            os.environ["FLASHMOE_SHIPPED_DB"] = saved
     dev = torch.cuda.get_device_name()
     print("card: %s, torch %s, cuDNN %s" % (dev, torch.__version__, torch.backends.cudnn.version()))
     rows = []

@@ -294,6 +294,9 @@ def main():
     ap.add_argument("--ref-lib", default="",
                     help="another build of the library, timed interleaved with the others "
                          "(the A/B of a change; column ref_ms)")
+    ap.add_argument("--ref-shipped-db", default="",
+                    help="with --ref-lib: the shipped database the ref library's context reads "
+                         "(the same library file twice: the A/B of a database change)")
     ap.add_argument("--profile", action="store_true",
                     help="also print flashmoe's time per kernel (torch.profiler, 10 calls; "
                          "the ref library's too with --ref-lib)")
@@ -309,7 +312,18 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     fm = FlashMoE(args.lib)
-    reflib = FlashMoE(args.ref_lib) if args.ref_lib else None
+    reflib = None
+    if args.ref_lib:
+        # the ref context reads its own shipped database (FLASHMOE_SHIPPED_DB is read when a
+        # context is created): the A/B of a database change with one library
+        saved = os.environ.get("FLASHMOE_SHIPPED_DB")
+        if args.ref_shipped_db:
+            os.environ["FLASHMOE_SHIPPED_DB"] = os.path.abspath(args.ref_shipped_db)
+        reflib = FlashMoE(args.ref_lib)
+        if saved is None:
+            os.environ.pop("FLASHMOE_SHIPPED_DB", None)
+        else:
+            os.environ["FLASHMOE_SHIPPED_DB"] = saved
     print("card: %s, torch %s, flashmoe %s" % (torch.cuda.get_device_name(), torch.__version__,
                                                 fm.lib.fm_version().decode()))
     bw = copy_bandwidth()

@@ -14,8 +14,10 @@
 
 static char dir[256];
 
-static void add(const char *path, const char *device, int cc, const char *shape,
-                const char *config, double ms) {
+/* One measured configuration (given whole: family, name, every parameter) of type dtype. */
+static void add_measured(const char *path, const char *device, int cc, const char *family,
+                         const char *config, const char *params, const char *dtype,
+                         const char *shape, double ms) {
     char err[512] = "";
     fm_db *db = NULL;
     CHECK(fm_db_open(&db, path, FM_DB_CREATE, err, sizeof err) == FM_OK, "%s", err);
@@ -28,46 +30,7 @@ static void add(const char *path, const char *device, int cc, const char *shape,
     d.sm_count = 132;
     long long did = 0, cid = 0;
     CHECK(fm_db_upsert_device(db, &d, &did, err, sizeof err) == FM_OK, "%s", err);
-    /* params spell a real sm80 configuration so the runtime could load it */
-    char params[256];
-    long long bm = 0;
-    sscanf(strstr(config, "_m") + 2, "%lld", &bm);
-    snprintf(params, sizeof params, "dtype=bf16,head_dim=%d,causal=%d,block_m=%lld",
-             strstr(config, "_d64_") ? 64 : strstr(config, "_d256_") ? 256 : 128,
-             strstr(config, "_c1_") ? 1 : 0, bm);
-    CHECK(fm_db_upsert_config(db, "attn_fwd_sm80", config, params, "0123456789abcdef", &cid, err,
-                              sizeof err) == FM_OK, "%s", err);
-    fm_db_measurement m;
-    fm_db_measurement_init(&m);
-    m.device_id = did;
-    m.config_id = cid;
-    m.op = "attn_fwd";
-    m.dtype = "bf16";
-    m.shape = shape;
-    m.status = "ok";
-    m.median_ms = ms;
-    m.runs = 10;
-    CHECK(fm_db_add_measurement(db, &m, err, sizeof err) == FM_OK, "%s", err);
-    fm_db_close(db);
-}
-
-/* A measured configuration given whole (family, name and every parameter), of type dtype. */
-static void add_config(const char *path, const char *device, const char *dtype, const char *shape,
-                       const fm_config *c, double ms) {
-    char err[512] = "";
-    fm_db *db = NULL;
-    CHECK(fm_db_open(&db, path, FM_DB_CREATE, err, sizeof err) == FM_OK, "%s", err);
-    if (!db) return;
-    fm_db_device d;
-    memset(&d, 0, sizeof d);
-    snprintf(d.name, sizeof d.name, "%s", device);
-    d.cc_major = 9;
-    d.sm_count = 132;
-    long long did = 0, cid = 0;
-    CHECK(fm_db_upsert_device(db, &d, &did, err, sizeof err) == FM_OK, "%s", err);
-    char params[2304];
-    fm_config_params_string(c, params, sizeof params);
-    CHECK(fm_db_upsert_config(db, c->family, c->name, params, "0123456789abcdef", &cid, err,
+    CHECK(fm_db_upsert_config(db, family, config, params, "0123456789abcdef", &cid, err,
                               sizeof err) == FM_OK, "%s", err);
     fm_db_measurement m;
     fm_db_measurement_init(&m);
@@ -81,6 +44,27 @@ static void add_config(const char *path, const char *device, const char *dtype, 
     m.runs = 10;
     CHECK(fm_db_add_measurement(db, &m, err, sizeof err) == FM_OK, "%s", err);
     fm_db_close(db);
+}
+
+/* A bf16 sm80 entry named `config`, its parameters spelled from the name (enough for the
+ * runtime to load it). */
+static void add(const char *path, const char *device, int cc, const char *shape,
+                const char *config, double ms) {
+    char params[256];
+    long long bm = 0;
+    sscanf(strstr(config, "_m") + 2, "%lld", &bm);
+    snprintf(params, sizeof params, "dtype=bf16,head_dim=%d,causal=%d,block_m=%lld",
+             strstr(config, "_d64_") ? 64 : strstr(config, "_d256_") ? 256 : 128,
+             strstr(config, "_c1_") ? 1 : 0, bm);
+    add_measured(path, device, cc, "attn_fwd_sm80", config, params, "bf16", shape, ms);
+}
+
+/* An entry of type dtype for configuration c, on an sm_90 device. */
+static void add_config(const char *path, const char *device, const char *dtype, const char *shape,
+                       const fm_config *c, double ms) {
+    char params[2304];
+    fm_config_params_string(c, params, sizeof params);
+    add_measured(path, device, 90, c->family, c->name, params, dtype, shape, ms);
 }
 
 static fm_context *fake_context(const char *user, const char *shipped) {

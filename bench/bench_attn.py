@@ -97,18 +97,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     fm = FlashMoE(args.lib)
-    reflib = None
-    if args.ref_lib:
-        # the ref context reads its own shipped database (FLASHMOE_SHIPPED_DB is read when a
-        # context is created): the A/B of a database change with one library
-        saved = os.environ.get("FLASHMOE_SHIPPED_DB")
-        if args.ref_shipped_db:
-            os.environ["FLASHMOE_SHIPPED_DB"] = os.path.abspath(args.ref_shipped_db)
-        reflib = FlashMoE(args.ref_lib)
-        if saved is None:
-            os.environ.pop("FLASHMOE_SHIPPED_DB", None)
-        else:
-            os.environ["FLASHMOE_SHIPPED_DB"] = saved
+    reflib = (FlashMoE(args.ref_lib, shipped_db=args.ref_shipped_db or None)
+              if args.ref_lib else None)
     dev = torch.cuda.get_device_name()
     print("card: %s, torch %s, cuDNN %s" % (dev, torch.__version__, torch.backends.cudnn.version()))
     rows = []

@@ -312,18 +312,8 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     fm = FlashMoE(args.lib)
-    reflib = None
-    if args.ref_lib:
-        # the ref context reads its own shipped database (FLASHMOE_SHIPPED_DB is read when a
-        # context is created): the A/B of a database change with one library
-        saved = os.environ.get("FLASHMOE_SHIPPED_DB")
-        if args.ref_shipped_db:
-            os.environ["FLASHMOE_SHIPPED_DB"] = os.path.abspath(args.ref_shipped_db)
-        reflib = FlashMoE(args.ref_lib)
-        if saved is None:
-            os.environ.pop("FLASHMOE_SHIPPED_DB", None)
-        else:
-            os.environ["FLASHMOE_SHIPPED_DB"] = saved
+    reflib = (FlashMoE(args.ref_lib, shipped_db=args.ref_shipped_db or None)
+              if args.ref_lib else None)
     print("card: %s, torch %s, flashmoe %s" % (torch.cuda.get_device_name(), torch.__version__,
                                                 fm.lib.fm_version().decode()))
     bw = copy_bandwidth()

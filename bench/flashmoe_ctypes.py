@@ -45,7 +45,10 @@ class MoeArgs(ctypes.Structure):
 
 
 class FlashMoE:
-    def __init__(self, lib_path, device=0):
+    def __init__(self, lib_path, device=0, shipped_db=None):
+        """shipped_db: the shipped database this context reads instead of FLASHMOE_SHIPPED_DB's
+        (the variable is read when a context is created), e.g. for the A/B of a database
+        change with the same library file loaded twice."""
         self.lib = ctypes.CDLL(os.path.abspath(lib_path))
         L = self.lib
         L.fm_context_create.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
@@ -61,7 +64,16 @@ class FlashMoE:
                                             ctypes.POINTER(ctypes.c_size_t)]
         L.fm_version.restype = ctypes.c_char_p
         self.ctx = ctypes.c_void_p()
-        s = L.fm_context_create(ctypes.byref(self.ctx), device)
+        saved = os.environ.get("FLASHMOE_SHIPPED_DB")
+        if shipped_db:
+            os.environ["FLASHMOE_SHIPPED_DB"] = os.path.abspath(shipped_db)
+        try:
+            s = L.fm_context_create(ctypes.byref(self.ctx), device)
+        finally:
+            if saved is None:
+                os.environ.pop("FLASHMOE_SHIPPED_DB", None)
+            else:
+                os.environ["FLASHMOE_SHIPPED_DB"] = saved
         if s != 0:
             raise RuntimeError("fm_context_create: %s" % L.fm_last_error(None).decode())
 

@@ -843,6 +843,25 @@ static fm_status recompute_all(fm_db *db, char *err, size_t errlen) {
     return exec(db, all_best_sql, err, errlen);
 }
 
+/* After rows arrive from elsewhere (import, merge): a key with sustained-load timings is decided
+ * among them, as fm_db_supersede_burst does for the tuner, whichever side its burst rows came
+ * from. Without this a merge let an older burst median win over the sustained re-tune of the
+ * same key (bench/NOTES.md, eleventh session). */
+static const char supersede_all_sql[] =
+    "UPDATE measurements SET status='rejected',detail='superseded by sustained-load timing "
+    "(burst median '||printf('%.4f',median_ms)||' ms)' WHERE status='ok' AND "
+    "substr(tool_version,-length('" FM_DB_SUSTAINED_SUFFIX "'))<>'" FM_DB_SUSTAINED_SUFFIX "' "
+    "AND EXISTS (SELECT 1 FROM measurements s WHERE s.status='ok' AND "
+    "s.device_id=measurements.device_id AND s.op=measurements.op AND "
+    "s.dtype=measurements.dtype AND s.shape=measurements.shape AND "
+    "substr(s.tool_version,-length('" FM_DB_SUSTAINED_SUFFIX "'))='" FM_DB_SUSTAINED_SUFFIX "')";
+
+/* The end of an import or merge: sustained timings first, then best. */
+static fm_status settle_arrivals(fm_db *db, char *err, size_t errlen) {
+    fm_status s = exec(db, supersede_all_sql, err, errlen);
+    return s == FM_OK ? recompute_all(db, err, errlen) : s;
+}
+
 fm_status fm_db_recompute_best(fm_db *db, char *err, size_t errlen) {
     if (!db) return seterr(err, errlen, FM_ERR_INVALID_ARGUMENT, "fm_db_recompute_best: no db");
     fm_status s = begin_write(db, err, errlen);
@@ -1321,7 +1340,7 @@ fm_status fm_db_import(fm_db *db, const char *text, char *err, size_t errlen) {
         sql = skip_blank(tail);
     }
     sqlite3_set_authorizer(db->h, NULL, NULL);
-    if (s == FM_OK) s = recompute_all(db, err, errlen);
+    if (s == FM_OK) s = settle_arrivals(db, err, errlen);
     if (s != FM_OK) {
         rollback(db);
         return s;
@@ -1391,7 +1410,7 @@ fm_status fm_db_merge(fm_db *db, const char *other_path, char *err, size_t errle
     s = begin_write(db, err, errlen); /* ATTACH cannot run inside a transaction */
     if (s == FM_OK) {
         s = exec(db, merge_sql, err, errlen);
-        if (s == FM_OK) s = recompute_all(db, err, errlen);
+        if (s == FM_OK) s = settle_arrivals(db, err, errlen);
         if (s == FM_OK)
             s = commit(db, err, errlen);
         else

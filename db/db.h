@@ -185,7 +185,9 @@ fm_status fm_db_foreach_measurement(fm_db *db, const fm_db_filter *filter, fm_db
 fm_status fm_db_export(fm_db *db, FILE *out, char *err, size_t errlen);
 
 /* Applies a dump made by fm_db_export (of this or an older schema version) in one transaction,
- * then recomputes best. Idempotent: rows already present (by natural key) are kept, so applying
+ * then recomputes best. A key that now has sustained-load timings (FM_DB_SUSTAINED_SUFFIX) is
+ * decided among them: its burst rows are superseded as fm_db_supersede_burst does, whichever
+ * side they came from. Idempotent: rows already present (by natural key) are kept, so applying
  * the same dump twice changes nothing. Only plain "INSERT INTO" one of the four tables is
  * accepted (checked by SQLite's authorizer); any other statement, a row naming a device or
  * configuration the dump lacks, a missing header or a missing final "-- end" line (a truncated
@@ -193,7 +195,8 @@ fm_status fm_db_export(fm_db *db, FILE *out, char *err, size_t errlen);
 fm_status fm_db_import(fm_db *db, const char *sql_text, char *err, size_t errlen);
 
 /* Merges the rows of the flashmoe database at other_path (opened read-only; must have the same
- * schema version) the same way as an import, then recomputes best. */
+ * schema version) the same way as an import (sustained-load timings decide their keys), then
+ * recomputes best. */
 fm_status fm_db_merge(fm_db *db, const char *other_path, char *err, size_t errlen);
 
 /* ---- shapes -------------------------------------------------------------------------------- */

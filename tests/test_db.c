@@ -1114,6 +1114,58 @@ static void case_supersede_burst(void) {
     fm_db_close(db);
 }
 
+/* A merge (or import) brings sustained-load timings of a key whose burst rows the other side
+ * holds, in either direction: the key is decided among the sustained rows, the burst rows are
+ * superseded (their medians kept in the detail), other keys stay as they were. */
+static void case_merge_sustained(void) {
+    const char *s = "t=4096,e=256,k=8,h=7168,i=2048", *other = "t=1024,e=256,k=8,h=7168,i=2048";
+    for (int dir = 0; dir < 2; dir++) {
+        /* dir 0: the burst rows are in the target, the sustained one arrives; dir 1: reverse */
+        fm_db *a = open_new(dir ? "msus_a1.db" : "msus_a0.db");
+        fm_db *o = open_new(dir ? "msus_o1.db" : "msus_o0.db");
+        REQUIRE(a && o);
+        fm_db *burst = dir ? o : a, *sus = dir ? a : o;
+        long long dv = add_device(burst, "NVIDIA H200", 9, 0);
+        long long c1 = add_config(burst, "cfg_fast_burst", "block_m=128");
+        CHECK_ST(add_meas(burst, dv, c1, s, "ok", 6.1, 100), FM_OK);
+        CHECK_ST(add_meas(burst, dv, c1, other, "ok", 2.0, 100), FM_OK);
+        long long dv2 = add_device(sus, "NVIDIA H200", 9, 0);
+        long long c2 = add_config(sus, "cfg_sustained", "block_m=192");
+        fm_db_measurement m;
+        fm_db_measurement_init(&m);
+        m.device_id = dv2;
+        m.config_id = c2;
+        m.op = "attn_fwd";
+        m.dtype = "bf16";
+        m.shape = s;
+        m.status = "ok";
+        m.median_ms = 6.9;
+        m.tool_version = "fmtune 0.1.0" FM_DB_SUSTAINED_SUFFIX;
+        m.created_at = 200;
+        CHECK_ST(fm_db_add_measurement(sus, &m, err, sizeof err), FM_OK);
+        fm_db_close(o);
+        char p[600];
+        tpath(p, sizeof p, dir ? "msus_o1.db" : "msus_o0.db");
+        CHECK_ST(fm_db_merge(a, p, err, sizeof err), FM_OK);
+        fm_db_best b;
+        CHECK_ST(fm_db_lookup_best(a, "NVIDIA H200", "attn_fwd", "bf16", s, &b, err, sizeof err),
+                 FM_OK);
+        CHECK(strcmp(b.config_name, "cfg_sustained") == 0 && b.median_ms == 6.9);
+        CHECK_ST(fm_db_lookup_best(a, "NVIDIA H200", "attn_fwd", "bf16", other, &b, err,
+                                   sizeof err),
+                 FM_OK);
+        CHECK(strcmp(b.config_name, "cfg_fast_burst") == 0 && b.median_ms == 2.0);
+        fm_db_filter f;
+        memset(&f, 0, sizeof f);
+        f.shape = s;
+        long long nrej = 0;
+        CHECK_ST(fm_db_foreach_measurement(a, &f, count_rejected_cb, &nrej, err, sizeof err),
+                 FM_OK);
+        CHECK(nrej == 1);
+        fm_db_close(a);
+    }
+}
+
 static const test_case cases[] = {
     {"schema version, application id, WAL", case_schema_version},
     {"db/schema.sql matches the migrations", case_schema_sql_matches},
@@ -1131,6 +1183,7 @@ static const test_case cases[] = {
     {"4 concurrent writer processes", case_concurrent_writers},
     {"read-only open in a read-only directory", case_readonly_directory},
     {"sustained-load timings supersede burst timings", case_supersede_burst},
+    {"a merge brings sustained timings: they decide the key", case_merge_sustained},
 };
 
 static void rm_tree(const char *dir) {

@@ -192,6 +192,23 @@ static fm_status add_meas(fm_db *db, long long dev, long long cfg, const char *s
     return fm_db_add_measurement(db, &m, err, sizeof err);
 }
 
+/* An "ok" row timed under sustained load (fmtune --sustained). */
+static fm_status add_sustained(fm_db *db, long long dev, long long cfg, const char *shape,
+                               double median, long long created) {
+    fm_db_measurement m;
+    fm_db_measurement_init(&m);
+    m.device_id = dev;
+    m.config_id = cfg;
+    m.op = "attn_fwd";
+    m.dtype = "bf16";
+    m.shape = shape;
+    m.status = "ok";
+    m.median_ms = median;
+    m.tool_version = "fmtune 0.1.0" FM_DB_SUSTAINED_SUFFIX;
+    m.created_at = created;
+    return fm_db_add_measurement(db, &m, err, sizeof err);
+}
+
 static int count_rejected_cb(void *user, const fm_db_measurement *m) {
     if (!strcmp(m->status, "rejected") && m->detail && strstr(m->detail, "superseded by sustained") &&
         strstr(m->detail, "burst median"))
@@ -1063,21 +1080,8 @@ static void case_supersede_burst(void) {
     CHECK_ST(add_meas(db, dev, c2, s, "ok", 7.3, 100), FM_OK);
     CHECK_ST(add_meas(db, dev, c1, other, "ok", 3.3, 100), FM_OK);
     CHECK_ST(add_meas(db, dev2, c1, s, "ok", 6.6, 100), FM_OK);
-    fm_db_measurement m;
-    fm_db_measurement_init(&m);
-    m.device_id = dev;
-    m.op = "attn_fwd";
-    m.dtype = "bf16";
-    m.shape = s;
-    m.status = "ok";
-    m.tool_version = "fmtune 0.1.0" FM_DB_SUSTAINED_SUFFIX;
-    m.created_at = 101;
-    m.config_id = c1;
-    m.median_ms = 10.1;
-    CHECK_ST(fm_db_add_measurement(db, &m, err, sizeof err), FM_OK);
-    m.config_id = c2;
-    m.median_ms = 9.3;
-    CHECK_ST(fm_db_add_measurement(db, &m, err, sizeof err), FM_OK);
+    CHECK_ST(add_sustained(db, dev, c1, s, 10.1, 101), FM_OK);
+    CHECK_ST(add_sustained(db, dev, c2, s, 9.3, 101), FM_OK);
     fm_db_best b;
     CHECK_ST(fm_db_lookup_best(db, "NVIDIA H100 80GB HBM3", "attn_fwd", "bf16", s, &b, err, sizeof err),
              FM_OK);
@@ -1131,18 +1135,7 @@ static void case_merge_sustained(void) {
         CHECK_ST(add_meas(burst, dv, c1, other, "ok", 2.0, 100), FM_OK);
         long long dv2 = add_device(sus, "NVIDIA H200", 9, 0);
         long long c2 = add_config(sus, "cfg_sustained", "block_m=192");
-        fm_db_measurement m;
-        fm_db_measurement_init(&m);
-        m.device_id = dv2;
-        m.config_id = c2;
-        m.op = "attn_fwd";
-        m.dtype = "bf16";
-        m.shape = s;
-        m.status = "ok";
-        m.median_ms = 6.9;
-        m.tool_version = "fmtune 0.1.0" FM_DB_SUSTAINED_SUFFIX;
-        m.created_at = 200;
-        CHECK_ST(fm_db_add_measurement(sus, &m, err, sizeof err), FM_OK);
+        CHECK_ST(add_sustained(sus, dv2, c2, s, 6.9, 200), FM_OK);
         fm_db_close(o);
         char p[600];
         tpath(p, sizeof p, dir ? "msus_o1.db" : "msus_o0.db");

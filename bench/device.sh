@@ -9,6 +9,12 @@
 #             GRID_ARGS)
 #   retune    fmtune over the benchmark grid and the mission, sm90 family, each (head dim, causal)
 #             restricted to the tile shapes that won it on both cards so far (bench/NOTES.md)
+#   shortgrid the grid's points below S = 4k over the whole sm90 family, resuming from a copy of
+#             the shipped database ($OUT/short.sqlite): only the variants it lacks are timed in
+#             bursts, then the fastest (SHORT_K, 6) are re-ranked under sustained load
+#             (SHORT_DIMS, SHORT_CAUSAL, SHORT_SEQS restrict it; SHORT_DB: start from that copy)
+#   shortab   bench_attn on those points: the shipped database against $OUT/short.sqlite, one
+#             process, interleaved
 #   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG (BENCH_ONLY:
 #             its --only points)
 #   benchq    the same on a reduced grid
@@ -61,6 +67,24 @@ for stage in "$@"; do
           --match _m128_ >> "$OUT/retune.log" 2>&1
       done
       grep "^best" "$OUT/retune.log" | sed 's/ (recorded.*//' ;;
+    shortgrid)
+      [ -e "$OUT/short.sqlite" ] || cp "${SHORT_DB:-$FLASHMOE_SHIPPED_DB}" "$OUT/short.sqlite"
+      for d in ${SHORT_DIMS:-64 128 256}; do for c in ${SHORT_CAUSAL:-0 1}; do
+        cf=""; [ "$c" = 1 ] && cf=--causal
+        for s in ${SHORT_SEQS:-512 1024 2048}; do
+          "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $cf \
+            --db "$OUT/short.sqlite" --runs 5 --families attn_fwd_sm90 --sustained ${SHORT_K:-6} \
+            >> "$OUT/shortgrid.log" 2>&1
+          echo "d=$d causal=$c s=$s rc=$? $(date +%T)"
+        done
+      done; done
+      grep "^best" "$OUT/shortgrid.log" | sed 's/ (recorded.*//' ;;
+    shortab)
+      pts=""
+      for d in 64 128 256; do for c in 0 1; do for s in 512 1024 2048; do pts="$pts,$d:$c:$s"; done; done; done
+      FLASHMOE_SHIPPED_DB=$OUT/short.sqlite python3 bench/bench_attn.py --lib "$B/libflashmoe.so" \
+        --ref-lib "$B/libflashmoe.so" --ref-shipped-db "$FLASHMOE_SHIPPED_DB" --out "$OUT/shortab" \
+        --only "${pts#,}" 2>&1 | tee "$OUT/shortab.log" | grep -E "^d=|ref|geometric" ;;
     bench)
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;
     benchq)

@@ -42,5 +42,19 @@ grep -q "burst timings of this shape superseded" "$work/err4" && ok || bad "burs
 "$fmtune" db export --db "$work/sustained.sqlite" -o "$work/sustained.sql" && ok || bad "db export failed"
 [ "$(grep -c "superseded by sustained" "$work/sustained.sql")" -ge 2 ] && ok ||
   bad "the superseded rows are not in the database"
+# a database timed in bursts only (--sustained 0) is re-ranked under load by the same command
+# without it (the default), from the timings it holds; a third run has nothing new to re-time
+args="--gpu auto --shape 2x1024x64 --heads 8 --db $work/resume.sqlite --runs 5 --max-variants 4"
+"$fmtune" $args --sustained 0 > "$work/out5" 2> "$work/err5"; rc=$?
+[ $rc = 0 ] && ok || { bad "tune --sustained 0 exited $rc"; tail -n 20 "$work/err5"; }
+grep -q "configuration (sustained load)" "$work/err5" && bad "--sustained 0 still timed under load" || ok
+"$fmtune" $args > "$work/out6" 2> "$work/err6"; rc=$?
+[ $rc = 0 ] && ok || { bad "resumed tune exited $rc"; tail -n 20 "$work/err6"; }
+grep -q "already measured" "$work/err6" && ok || bad "the default run did not resume"
+grep -q "configuration (sustained load)" "$work/err6" && ok || bad "resumed burst timings not re-timed under load"
+grep -q "burst timings of this shape superseded" "$work/err6" && ok || bad "resumed burst timings not superseded"
+"$fmtune" $args > "$work/out7" 2> "$work/err7"; rc=$?
+[ $rc = 0 ] && ok || bad "third tune exited $rc"
+grep -q "configuration (sustained load)" "$work/err7" && bad "nothing new, yet timed under load again" || ok
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]

@@ -792,35 +792,129 @@ static int sustaining_idle(void *user) {
     return 1;
 }
 
-/* --sustained K: the K fastest correct variants of the burst phase, timed again under sustained
- * load in one worker (see sustained_timing), recorded with the sustained tool version; then
- * every burst timing of the shape on this card is superseded (fm_db_supersede_burst), so that
- * best is the fastest under load. Prints the comparison. */
+/* The database's rows of the shape being tuned, for the sustained phase: each resumed variant's
+ * fastest burst-timed "ok" row (its median becomes the variant's, to rank it with this run's),
+ * and the variant holding the fastest sustained-load row. */
+typedef struct db_rows {
+    variant *v;
+    int nv;
+    int *burst_ok;   /* per variant: 1 when the database gave it a burst median */
+    int sus_best;    /* index of the variant with the fastest sustained row, or -1 */
+    double sus_ms, sus_err, sus_rel;
+} db_rows;
+
+static int ends_with(const char *s, const char *suffix) {
+    const size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+static int db_row(void *user, const fm_db_measurement *m) {
+    db_rows *a = user;
+    if (!m->config_name || !(m->median_ms > 0)) return 0;
+    int i = 0;
+    while (i < a->nv && strcmp(a->v[i].cfg.name, m->config_name)) i++;
+    if (i == a->nv) return 0; /* not in this run's space (another family, --match) */
+    if (m->tool_version && ends_with(m->tool_version, FM_DB_SUSTAINED_SUFFIX)) {
+        if (a->sus_best < 0 || m->median_ms < a->sus_ms) {
+            a->sus_best = i;
+            a->sus_ms = m->median_ms;
+            a->sus_err = m->max_abs_err;
+            a->sus_rel = m->rel_err;
+        }
+        return 0;
+    }
+    variant *x = &a->v[i];
+    if (!x->skip || (a->burst_ok[i] && x->median <= m->median_ms)) return 0;
+    a->burst_ok[i] = 1;
+    x->median = m->median_ms;
+    x->max_err = m->max_abs_err;
+    x->rel_err = m->rel_err;
+    return 0;
+}
+
+static int cmp_median(const void *a, const void *b) {
+    const variant *x = *(variant *const *)a, *y = *(variant *const *)b;
+    if (x->median != y->median) return x->median < y->median ? -1 : 1;
+    return strcmp(x->cfg.name, y->cfg.name);
+}
+
+/* Sustained phase (--sustained K, on by default): the K fastest burst-timed variants, timed
+ * again under sustained load in one worker (see sustained_timing) and recorded with the
+ * sustained tool version; then every burst timing of the shape on this card is superseded
+ * (fm_db_supersede_burst), so that best is the fastest under load. Prints the comparison.
+ * The candidates are this run's correct variants and, when resuming, the variants whose burst
+ * timings the database holds and no sustained phase has superseded yet (a database tuned in
+ * bursts is re-ranked under load by running the same command again). The variant that is best
+ * under load so far joins them, so that a newcomer is compared with it in the same rounds. */
 static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder *rc) {
     variant **order = calloc((size_t)nv + 1, sizeof *order);
     variant *sv = calloc((size_t)nv + 1, sizeof *sv);
     int *sel = calloc((size_t)nv + 1, sizeof *sel);
-    if (!order || !sv || !sel) {
+    db_rows dr = {v, nv, calloc((size_t)nv + 1, sizeof(int)), -1, 0, 0, 0};
+    if (!order || !sv || !sel || !dr.burst_ok) {
         free(order);
         free(sv);
         free(sel);
+        free(dr.burst_ok);
         return;
     }
-    int nok = 0;
-    for (int i = 0; i < nv; i++)
-        if (!strcmp(v[i].status, "ok")) order[nok++] = &v[i];
-    qsort(order, (size_t)nok, sizeof *order, cmp_variant);
-    const int k = nok < o->sustained ? nok : o->sustained;
+    if (rc->db) {
+        char err[512] = "";
+        fm_db_filter f;
+        memset(&f, 0, sizeof f);
+        f.device_name = rc->device_name;
+        f.op = o->op->name;
+        f.dtype = o->prob.dtype;
+        f.shape = o->prob.shape;
+        f.status = "ok";
+        if (fm_db_foreach_measurement(rc->db, &f, db_row, &dr, err, sizeof err) != FM_OK)
+            fprintf(stderr, "fmtune: database: %s\n", err);
+    }
+    int nok = 0, fresh = 0;
+    for (int i = 0; i < nv; i++) {
+        const int now = !v[i].skip && !strcmp(v[i].status, "ok");
+        fresh += now;
+        if (now || dr.burst_ok[i]) order[nok++] = &v[i];
+    }
+    /* Nothing timed in bursts since the last sustained phase: the ranking under load stands. */
+    if (nok == 0 || (fresh == 0 && nok + (dr.sus_best >= 0) < 2)) {
+        free(order);
+        free(sv);
+        free(sel);
+        free(dr.burst_ok);
+        return;
+    }
+    qsort(order, (size_t)nok, sizeof *order, cmp_median);
+    int k = nok < o->sustained ? nok : o->sustained;
+    const int k_burst = k;
+    for (int q = 0; q < k; q++) sel[q] = (int)(order[q] - v);
+    if (dr.sus_best >= 0) {
+        int in = 0;
+        for (int q = 0; q < k; q++) in |= sel[q] == dr.sus_best;
+        if (!in) {
+            /* re-timed without a burst median of its own; its errors from its sustained row */
+            sel[k++] = dr.sus_best;
+            v[dr.sus_best].max_err = dr.sus_err;
+            v[dr.sus_best].rel_err = dr.sus_rel;
+        }
+    }
+    if (k < 2) {
+        free(order);
+        free(sv);
+        free(sel);
+        free(dr.burst_ok);
+        return;
+    }
     for (int q = 0; q < k; q++) {
-        sel[q] = (int)(order[q] - v);
         sv[sel[q]] = v[sel[q]];
         sv[sel[q]].status[0] = 0;
     }
     fm_tune_opts so = *o;
     so.sustain_rounds = 4;
     so.sustain_ms = 250;
-    fprintf(stderr, "fmtune: timing the %d fastest under sustained load (%d rounds of %.0f ms)\n", k,
-            so.sustain_rounds, so.sustain_ms);
+    fprintf(stderr, "fmtune: timing the %d fastest%s under sustained load (%d rounds of %.0f ms)\n",
+            k_burst, k > k_burst ? " and the best under load so far" : "", so.sustain_rounds,
+            so.sustain_ms);
     int fd[2];
     sustaining st = {sv, nv, o->op->flops(&o->prob), 0, -1};
     st.pid = k >= 2 ? spawn_worker(&so, v, sel, k, 0, fd) : -1;
@@ -835,8 +929,10 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
             "sustained ms");
     for (int q = 0; q < k; q++) {
         variant *x = &sv[sel[q]];
+        char burst[32] = "-"; /* the best under load so far has no burst timing left */
+        if (q < k_burst) snprintf(burst, sizeof burst, "%.4f", v[sel[q]].median);
         if (strcmp(x->status, "ok")) {
-            fprintf(stderr, "%-4s %-60s %10.4f %12s %.60s\n", "-", x->cfg.name, v[sel[q]].median,
+            fprintf(stderr, "%-4s %-60s %10s %12s %.60s\n", "-", x->cfg.name, burst,
                     x->status[0] ? x->status : "no result", x->detail);
             continue;
         }
@@ -845,8 +941,7 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
         x->rel_err = v[sel[q]].rel_err;
         record(rc, x);
         recorded++;
-        fprintf(stderr, "%-4d %-60s %10.4f %12.4f\n", q + 1, x->cfg.name, v[sel[q]].median,
-                x->median);
+        fprintf(stderr, "%-4d %-60s %10s %12.4f\n", q + 1, x->cfg.name, burst, x->median);
     }
     if (recorded && rc->db) {
         char err[512] = "";
@@ -861,6 +956,7 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
     free(order);
     free(sv);
     free(sel);
+    free(dr.burst_ok);
 }
 
 static void json_str(FILE *f, const char *s) {
@@ -1169,7 +1265,7 @@ int fm_tune(const fm_tune_opts *o) {
          * cp.async tile at 24.1 ms; the warp-specialised one it never reached ran 19.4 ms). */
         if (o->budget_s > 0) fm_tune_spread_order(todo, ntodo);
         int ok = ntodo ? measure(o, v, nv, todo, ntodo, &rc) : 0;
-        if (o->sustained >= 2 && ok >= 2) sustained_phase(o, v, nv, &rc);
+        if (o->sustained >= 2) sustained_phase(o, v, nv, &rc);
         int nskipped = 0;
         for (int q = 0; q < ntodo; q++) nskipped += !strcmp(v[todo[q]].status, "skipped");
         fprintf(stderr, "fmtune: measured %d variants in %.1f s, %d correct%s", ntodo - nskipped,

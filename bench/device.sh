@@ -15,6 +15,11 @@
 #             (SHORT_DIMS, SHORT_CAUSAL, SHORT_SEQS restrict it; SHORT_DB: start from that copy)
 #   shortab   bench_attn on those points: the shipped database against $OUT/short.sqlite, one
 #             process, interleaved
+#   moererank fmtune --rerank (no new burst timings; the database's fastest re-ranked under
+#             sustained load) of the Qwen3-30B-A3B and Mixtral-8x7B buckets RERANK_TOKENS (16 1024),
+#             on a copy of the shipped database ($OUT/rerank.sqlite)
+#   moeab     bench_moe on those presets and buckets: the shipped database against
+#             $OUT/rerank.sqlite, one process, interleaved
 #   bench     bench/bench_attn.py (flashmoe vs SDPA flash and cuDNN), table + PNG (BENCH_ONLY:
 #             its --only points)
 #   benchq    the same on a reduced grid
@@ -85,6 +90,21 @@ for stage in "$@"; do
       FLASHMOE_SHIPPED_DB=$OUT/short.sqlite python3 bench/bench_attn.py --lib "$B/libflashmoe.so" \
         --ref-lib "$B/libflashmoe.so" --ref-shipped-db "$FLASHMOE_SHIPPED_DB" --out "$OUT/shortab" \
         --only "${pts#,}" 2>&1 | tee "$OUT/shortab.log" | grep -E "^d=|ref|geometric" ;;
+    moererank)
+      [ -e "$OUT/rerank.sqlite" ] || cp "$FLASHMOE_SHIPPED_DB" "$OUT/rerank.sqlite"
+      for ps in qwen3-30b-a3b mixtral-8x7b; do for t in ${RERANK_TOKENS:-16 1024}; do
+        "$B/fmtune" --op moe --gpu auto --preset $ps --tokens $t --db "$OUT/rerank.sqlite" --rerank \
+          --sustained 6 >> "$OUT/moererank.log" 2>&1
+        echo "$ps T=$t rc=$? $(date +%T)"
+      done; done
+      grep -E "^best|no burst timing" "$OUT/moererank.log" | sed 's/ (recorded.*//' ;;
+    moeab)
+      tk=$(echo ${RERANK_TOKENS:-16 1024} | tr ' ' ,)
+      for ps in qwen3-30b-a3b mixtral-8x7b; do
+        FLASHMOE_SHIPPED_DB=$OUT/rerank.sqlite python3 bench/bench_moe.py --lib "$B/libflashmoe.so" \
+          --ref-lib "$B/libflashmoe.so" --ref-shipped-db "$FLASHMOE_SHIPPED_DB" --preset $ps \
+          --tokens $tk --no-naive --out "$OUT/moeab_$ps" 2>&1 | tee -a "$OUT/moeab.log" | tail -n 12
+      done ;;
     bench)
       python3 bench/bench_attn.py --lib "$B/libflashmoe.so" --out "$OUT" ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/bench_attn.log" | tail -n 50 ;;
     benchq)

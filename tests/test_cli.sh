@@ -33,6 +33,8 @@ expect 2 "needs a positive integer" -- --gpu auto --shape 1x128x128 --heads -3 -
 expect 2 "needs a value" -- --gpu auto --shape
 expect 2 "attn or moe" -- --op conv --gpu auto --shape 1x128x128 --db "$db"
 expect 2 "0 (off) or a number of candidates in 2..64" -- --gpu auto --shape 1x128x128 --sustained 1 --db "$db"
+expect 2 "contradict each other" -- --gpu auto --shape 1x128x128 --rerank --retune --db "$db"
+expect 2 "needs sustained-load timing" -- --gpu auto --shape 1x128x128 --rerank --sustained 0 --db "$db"
 expect 2 "no variant name contains" -- --gpu auto --shape 1x64x64 --match no_such_variant --db "$db"
 [ -e "$db" ] && bad "a rejected command created $db" || ok
 

@@ -56,5 +56,16 @@ grep -q "burst timings of this shape superseded" "$work/err6" && ok || bad "resu
 "$fmtune" $args > "$work/out7" 2> "$work/err7"; rc=$?
 [ $rc = 0 ] && ok || bad "third tune exited $rc"
 grep -q "configuration (sustained load)" "$work/err7" && bad "nothing new, yet timed under load again" || ok
+# --rerank times nothing new: the database's burst rows of the shape, re-ranked under load
+args="--gpu auto --shape 2x700x128 --heads 4 --db $work/rerank.sqlite --runs 5 --max-variants 3"
+"$fmtune" $args --rerank > "$work/out8" 2> "$work/err8"; rc=$?
+[ $rc = 0 ] && ok || bad "--rerank on an empty database exited $rc"
+grep -q "no burst timing of this shape left" "$work/err8" && ok || bad "--rerank with nothing to re-rank did not say so"
+"$fmtune" $args --sustained 0 > "$work/out9" 2> "$work/err9" && ok || bad "burst-only tune failed"
+"$fmtune" --gpu auto --shape 2x700x128 --heads 4 --db "$work/rerank.sqlite" --rerank > "$work/out10" 2> "$work/err10"; rc=$?
+[ $rc = 0 ] && ok || { bad "--rerank exited $rc"; tail -n 20 "$work/err10"; }
+grep -q "nothing new is timed" "$work/err10" && ok || bad "--rerank did not say what it does"
+grep -q "configuration (sustained load)" "$work/err10" && ok || bad "--rerank timed nothing under load"
+grep -q "fmtune: measured 0 variants" "$work/err10" && ok || bad "--rerank timed new variants in bursts"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]

@@ -49,6 +49,8 @@ static void usage(FILE *f) {
 "  --jobs N              compile threads (default: CPUs)\n"
 "  --timeout SECONDS     per-variant limit (default 300)\n"
 "  --retune              measure again what the database already holds\n"
+"  --rerank              time nothing new: re-rank under sustained load the fastest variants\n"
+"                        the database holds for the shape (e.g. a database tuned in bursts)\n"
 "  --json                also print the results as JSON on stdout\n");
 }
 
@@ -442,6 +444,8 @@ int main(int argc, char **argv) {
             else o.variant_timeout_s = dv;
         } else if (!strcmp(a, "--retune")) {
             o.retune = 1;
+        } else if (!strcmp(a, "--rerank")) {
+            o.rerank = 1;
         } else if (!strcmp(a, "--json")) {
             o.json = 1;
         } else {
@@ -450,6 +454,9 @@ int main(int argc, char **argv) {
 #undef NEED_VAL
     }
     if (!o.gpu) return die_usage("--gpu is required (h100, h200, auto or a name)%s", "");
+    if (o.rerank && o.retune) return die_usage("--rerank and --retune contradict each other%s", "");
+    if (o.rerank && o.sustained < 2)
+        return die_usage("--rerank needs sustained-load timing (--sustained K with K >= 2)%s", "");
     if (preset_name) {
         const preset *ps = NULL;
         for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++)

@@ -878,6 +878,8 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
     }
     /* Nothing timed in bursts since the last sustained phase: the ranking under load stands. */
     if (nok == 0 || (fresh == 0 && nok + (dr.sus_best >= 0) < 2)) {
+        fprintf(stderr, "fmtune: no burst timing of this shape left to re-rank under sustained "
+                "load%s\n", dr.sus_best >= 0 ? " (its best is already chosen under load)" : "");
         free(order);
         free(sv);
         free(sel);
@@ -1158,7 +1160,9 @@ int fm_tune(const fm_tune_opts *o) {
                 int found = 0;
                 fm_db_has_measurement(rc.db, pr.name, o->op->name, o->prob.dtype, o->prob.shape,
                                       v[i].cfg.name, &found, err, sizeof err);
-                v[i].skip = found;
+                /* --rerank: nothing new is timed; the sustained phase takes the candidates
+                 * from the database's rows */
+                v[i].skip = found || o->rerank;
             }
     }
 
@@ -1173,7 +1177,10 @@ int fm_tune(const fm_tune_opts *o) {
         }
     }
     fm_generator_close(gen);
-    if (nskip)
+    if (o->rerank)
+        fprintf(stderr, "fmtune: --rerank: nothing new is timed; the fastest variants %s holds "
+                "for this shape are timed under sustained load\n", o->db_path);
+    else if (nskip)
         fprintf(stderr, "fmtune: %d of %d variants already measured in %s (resuming; --retune "
                 "measures them again)\n", nskip, nv, o->db_path);
     fm_jit *jit = NULL;

@@ -20,6 +20,8 @@ typedef struct fm_tune_opts {
     int runs;                 /* timed runs per variant (median over them) */
     int json;
     int retune;               /* measure again even what the database already holds */
+    int rerank;               /* time nothing new: only re-rank under sustained load what the
+                               * database already holds for the shape */
     double variant_timeout_s; /* a variant running longer is killed and recorded "timeout" */
     int sustained;            /* 0, or K >= 2: re-time the K fastest under sustained load */
     int sustain_rounds;       /* worker side: rounds of the sustained timing (0: burst mode) */

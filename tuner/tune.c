@@ -851,13 +851,8 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
     variant *sv = calloc((size_t)nv + 1, sizeof *sv);
     int *sel = calloc((size_t)nv + 1, sizeof *sel);
     db_rows dr = {v, nv, calloc((size_t)nv + 1, sizeof(int)), -1, 0, 0, 0};
-    if (!order || !sv || !sel || !dr.burst_ok) {
-        free(order);
-        free(sv);
-        free(sel);
-        free(dr.burst_ok);
-        return;
-    }
+    int k = 0, k_burst = 0;
+    if (!order || !sv || !sel || !dr.burst_ok) goto done;
     if (rc->db) {
         char err[512] = "";
         fm_db_filter f;
@@ -880,15 +875,10 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
     if (nok == 0 || (fresh == 0 && nok + (dr.sus_best >= 0) < 2)) {
         fprintf(stderr, "fmtune: no burst timing of this shape left to re-rank under sustained "
                 "load%s\n", dr.sus_best >= 0 ? " (its best is already chosen under load)" : "");
-        free(order);
-        free(sv);
-        free(sel);
-        free(dr.burst_ok);
-        return;
+        goto done;
     }
     qsort(order, (size_t)nok, sizeof *order, cmp_median);
-    int k = nok < o->sustained ? nok : o->sustained;
-    const int k_burst = k;
+    k = k_burst = nok < o->sustained ? nok : o->sustained;
     for (int q = 0; q < k; q++) sel[q] = (int)(order[q] - v);
     if (dr.sus_best >= 0) {
         int in = 0;
@@ -900,13 +890,7 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
             v[dr.sus_best].rel_err = dr.sus_rel;
         }
     }
-    if (k < 2) {
-        free(order);
-        free(sv);
-        free(sel);
-        free(dr.burst_ok);
-        return;
-    }
+    if (k < 2) goto done;
     for (int q = 0; q < k; q++) {
         sv[sel[q]] = v[sel[q]];
         sv[sel[q]].status[0] = 0;
@@ -955,6 +939,7 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
             fprintf(stderr, "fmtune: %d burst timings of this shape superseded; best is chosen "
                     "among the sustained ones\n", changed);
     }
+done:
     free(order);
     free(sv);
     free(sel);

@@ -3,6 +3,8 @@
 # the development machine and carried along (build/). Writes logs under $OUT.
 #   info      the card, driver, clocks as found (never changed)
 #   tests     the GPU tests (ctest -L gpu)
+#   gputests  the same three run directly (no ctest paths needed), each timed, its log in $OUT
+#             (GPU_TESTS: which of attention moe tuner, in that order by default)
 #   attn      GPU attention correctness only (test_attention_gpu), FM_TEST_FAMILY may restrict it
 #   tune      fmtune --gpu auto --shape 8x4096x128 (the mission), then the served check
 #   tunegrid  fmtune over the benchmark grid (GRID_DIMS, GRID_SEQS, GRID_CAUSAL, GRID_FAMILIES,
@@ -34,6 +36,11 @@ export FLASHMOE_CACHE_DIR=${FLASHMOE_CACHE_DIR:-$PWD/$B/kcache}
 export FLASHMOE_DB=${FLASHMOE_DB:-$OUT/tuning.sqlite}
 export FLASHMOE_SHIPPED_DB=$PWD/$B/flashmoe-shipped.sqlite
 export PYTHONUNBUFFERED=1
+# Kernels compiled on the development machine travel as one archive (cubins compress ~15x, and
+# the carried tree is limited to 64 MiB); unpacked into the cache before anything runs.
+if [ -f "$B/kcache.tgz" ]; then
+  mkdir -p "$FLASHMOE_CACHE_DIR" && tar xzf "$B/kcache.tgz" -C "$FLASHMOE_CACHE_DIR" --strip-components=1
+fi
 for stage in "$@"; do
   echo "=== $stage ($(date +%T))"
   case $stage in
@@ -42,6 +49,19 @@ for stage in "$@"; do
     tests)
       (cd "$B" && ctest -L gpu --output-on-failure --timeout 900 2>&1) > "$OUT/ctest_gpu.log"
       grep -E "tests passed|Passed|Failed|\*\*\*" "$OUT/ctest_gpu.log" | tail -n 30 ;;
+    gputests)
+      for t in ${GPU_TESTS:-attention moe tuner}; do
+        t0=$(date +%s)
+        case $t in
+          attention) "$B/tests/test_attention_gpu" > "$OUT/test_attention_gpu.log" 2>&1 ;;
+          moe) "$B/tests/test_moe_gpu" > "$OUT/test_moe_gpu.log" 2>&1 ;;
+          tuner) sh tests/test_tuner_gpu.sh "$B/fmtune" "$B/tests/fm_serve_check" /tmp/tuner-test \
+                   > "$OUT/test_tuner_gpu.log" 2>&1 ;;
+        esac
+        rc=$?
+        echo "test $t: rc=$rc, $(( $(date +%s) - t0 )) s"
+        grep -E "FAIL|checks|passed|^B:|^C" "$OUT/test_${t}_gpu.log" | tail -n 8
+      done ;;
     attn)
       "$B/tests/test_attention_gpu" > "$OUT/attn_gpu.log" 2>&1; echo "rc=$?"
       grep -E "FAIL|passed|device|^B:|reference" "$OUT/attn_gpu.log" | head -n 60 ;;

@@ -1,7 +1,8 @@
 /*
  * attn_cpu.h - float64 attention reference on the CPU, and the device plumbing the attention
  * tests share: run one case through a given configuration (or through fm_attention_fwd), with
- * poisoned outputs and a guard region, and compare sampled rows with the reference.
+ * poisoned outputs and a guard region, and compare sampled rows with the reference (drawn and
+ * computed once per distinct case: attn_ref_get).
  */
 #ifndef FM_ATTN_CPU_H
 #define FM_ATTN_CPU_H
@@ -62,64 +63,132 @@ static int attn_row_sampled(int i, int sq) {
 
 #define ATTN_GUARD 4096 /* elements after the output that must stay poisoned */
 
-typedef struct attn_cmp_job {
-    const attn_case *c;
-    const fm_attention_args *a;
-    const unsigned short *q, *k, *v, *o;
-    const float *l;
-    double scale;
-    long next; /* next (b, h, row) index to take */
-    pthread_mutex_t lock;
-    double num, den, maxe, lse_err;
-} attn_cmp_job;
+/* ---- the reference, once per case -------------------------------------------------------------
+ * A section of the GPU test runs hundreds of configurations on the same few cases, and the float64
+ * reference (with the inputs drawn for it) is what costs time. So each distinct case draws its
+ * inputs and computes its reference once per process, and every configuration that runs the case
+ * is checked against that: still fresh random inputs on every run of the test, and each
+ * configuration's output still poisoned before its own run. The last ATTN_REF_SLOTS cases are
+ * kept (sections visit their cases in runs, the split-tail and the plain case alternate). */
+#define ATTN_REF_SLOTS 4
 
-/* Takes rows (flattened over batch, head, query) and folds their errors into the job. */
-static void *attn_cmp_worker(void *arg) {
-    attn_cmp_job *j = arg;
-    const attn_case *c = j->c;
-    int bf = c->dt == FM_DTYPE_BF16;
+typedef struct attn_ref {
+    attn_case c;
+    fm_attention_args a; /* strides of the inputs (pointers unset) */
+    unsigned short *q, *k, *v; /* host inputs; packed: k and v point into q's buffer */
+    size_t nq, nk, nv;
+    float *o;    /* [B, Sq, H, D] reference output, sampled rows only */
+    double *lse; /* [B, H, Sq], sampled rows only */
+    long next;   /* next (b, h, row) a worker takes while computing */
+    pthread_mutex_t lock;
+} attn_ref;
+
+static int attn_case_same(const attn_case *x, const attn_case *y) {
+    return x->dt == y->dt && x->b == y->b && x->sq == y->sq && x->sk == y->sk && x->h == y->h &&
+           x->hkv == y->hkv && x->d == y->d && x->causal == y->causal && x->lse == y->lse &&
+           x->packed == y->packed;
+}
+
+/* Takes rows (flattened over batch, head, query) and computes their reference. */
+static void *attn_ref_worker(void *arg) {
+    attn_ref *r = arg;
+    const attn_case *c = &r->c;
     double *orow = malloc((size_t)c->d * sizeof *orow), *sc = malloc((size_t)c->sk * sizeof *sc);
-    double num = 0, den = 0, maxe = 0, lse_err = 0;
+    const double scale = 1.0 / sqrt((double)c->d);
     long total = (long)c->b * c->h * c->sq;
     for (;;) {
-        pthread_mutex_lock(&j->lock);
-        long r0 = j->next;
-        j->next += 16;
-        pthread_mutex_unlock(&j->lock);
+        pthread_mutex_lock(&r->lock);
+        long r0 = r->next;
+        r->next += 16;
+        pthread_mutex_unlock(&r->lock);
         if (r0 >= total) break;
-        for (long r = r0; r < r0 + 16 && r < total; r++) {
-            int i = (int)(r % c->sq), hh = (int)((r / c->sq) % c->h), bb = (int)(r / ((long)c->sq * c->h));
+        for (long row = r0; row < r0 + 16 && row < total; row++) {
+            int i = (int)(row % c->sq), hh = (int)((row / c->sq) % c->h), bb = (int)(row / ((long)c->sq * c->h));
             if (!attn_row_sampled(i, c->sq)) continue;
-            double lse = attn_cpu_row(c, j->q, j->k, j->v, j->a, bb, hh, i, j->scale, orow, sc);
-            const unsigned short *out = j->o + ((size_t)bb * c->sq + i) * c->h * c->d + (size_t)hh * c->d;
-            for (int x = 0; x < c->d; x++) {
-                if (out[x] == 0xFFFF) continue;
-                double e = fm_16_to_float(out[x], bf) - orow[x];
-                if (!(fabs(e) <= maxe)) maxe = isnan(e) ? INFINITY : fabs(e);
-                num += e * e;
-                den += orow[x] * orow[x];
-            }
-            if (c->lse) {
-                float got = j->l[((size_t)bb * c->h + hh) * c->sq + i];
-                double e = isinf(lse) ? (isinf(got) && got < 0 ? 0 : INFINITY) : fabs(got - lse);
-                if (!(e <= lse_err)) lse_err = isnan(e) ? INFINITY : e;
-            }
+            r->lse[((size_t)bb * c->h + hh) * c->sq + i] = attn_cpu_row(c, r->q, r->k, r->v, &r->a, bb, hh, i, scale, orow, sc);
+            float *dst = r->o + ((size_t)bb * c->sq + i) * c->h * c->d + (size_t)hh * c->d;
+            for (int x = 0; x < c->d; x++) dst[x] = (float)orow[x];
         }
     }
     free(orow);
     free(sc);
-    pthread_mutex_lock(&j->lock);
-    j->num += num;
-    j->den += den;
-    if (!(maxe <= j->maxe)) j->maxe = maxe;
-    if (!(lse_err <= j->lse_err)) j->lse_err = lse_err;
-    pthread_mutex_unlock(&j->lock);
     return NULL;
 }
 
-/* Runs case c with configuration cfg (NULL: fm_attention_fwd chooses) and checks it.
- * Returns the relative error (Frobenius over the sampled rows), or a negative value on failure
- * to run. */
+static void attn_ref_free(attn_ref *r) {
+    free(r->q);
+    if (!r->c.packed) {
+        free(r->k);
+        free(r->v);
+    }
+    free(r->o);
+    free(r->lse);
+    memset(r, 0, sizeof *r);
+}
+
+/* The reference of case c (inputs drawn and reference computed on first use); NULL when out of
+ * memory. a holds the case's strides. */
+static const attn_ref *attn_ref_get(const attn_case *c, const fm_attention_args *a) {
+    static attn_ref slots[ATTN_REF_SLOTS];
+    static int used[ATTN_REF_SLOTS], victim;
+    for (int i = 0; i < ATTN_REF_SLOTS; i++)
+        if (used[i] && attn_case_same(&slots[i].c, c)) return &slots[i];
+    int s = victim;
+    victim = (victim + 1) % ATTN_REF_SLOTS;
+    if (used[s]) attn_ref_free(&slots[s]);
+    used[s] = 0;
+    attn_ref *r = &slots[s];
+    memset(r, 0, sizeof *r);
+    r->c = *c;
+    r->a = *a;
+    int bf = c->dt == FM_DTYPE_BF16;
+    if (c->packed) { /* one buffer [B, S, 3, H, D] (sq == sk, h == hkv) */
+        r->nq = r->nk = r->nv = (size_t)c->b * c->sq * 3 * c->h * c->d;
+    } else {
+        r->nq = (size_t)c->b * c->sq * c->h * c->d;
+        r->nk = r->nv = (size_t)c->b * c->sk * c->hkv * c->d;
+    }
+    size_t no = (size_t)c->b * c->sq * c->h * c->d, nl = (size_t)c->b * c->h * c->sq;
+    size_t hd = (size_t)c->h * c->d;
+    r->q = malloc(r->nq * 2);
+    r->k = c->packed ? (r->q ? r->q + hd : NULL) : malloc(r->nk * 2);
+    r->v = c->packed ? (r->q ? r->q + 2 * hd : NULL) : malloc(r->nv * 2);
+    r->o = calloc(no, sizeof *r->o);
+    r->lse = calloc(nl, sizeof *r->lse);
+    if (!r->q || !r->k || !r->v || !r->o || !r->lse) {
+        if (!c->packed) {
+            free(r->k);
+            free(r->v);
+        }
+        free(r->q);
+        free(r->o);
+        free(r->lse);
+        memset(r, 0, sizeof *r);
+        return NULL;
+    }
+    unsigned long long seed = fm_test_seed();
+    fm_fill_normal16(r->q, r->nq, bf, seed);
+    if (!c->packed) {
+        fm_fill_normal16(r->k, r->nk, bf, seed + 1);
+        fm_fill_normal16(r->v, r->nv, bf, seed + 2);
+    }
+    /* the float64 reference is the slow part: rows are shared out among threads */
+    pthread_mutex_init(&r->lock, NULL);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int nth = ncpu > 1 ? (int)(ncpu > 32 ? 32 : ncpu) : 1;
+    pthread_t th[32];
+    int started = 0;
+    for (int t = 0; t < nth; t++) started += pthread_create(&th[started], NULL, attn_ref_worker, r) == 0;
+    if (!started) attn_ref_worker(r);
+    for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
+    pthread_mutex_destroy(&r->lock);
+    used[s] = 1;
+    return r;
+}
+
+/* Runs case c with configuration cfg (NULL: fm_attention_fwd chooses) and checks it against the
+ * case's reference. Returns the relative error (Frobenius over the sampled rows), or a negative
+ * value on failure to run. */
 static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_case *c,
                             const char *label) {
     const fm_driver *d = ctx->drv;
@@ -135,33 +204,23 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
     a.head_dim = c->d;
     a.causal = c->causal;
     fm_attention_args_contiguous(&a);
-    size_t nq, nk, nv;
     if (c->packed) { /* one buffer [B, S, 3, H, D] (sq == sk, h == hkv) */
         int64_t tok = 3LL * c->h * c->d;
         a.q_stride[0] = a.k_stride[0] = a.v_stride[0] = (int64_t)c->sq * tok;
         a.q_stride[1] = a.k_stride[1] = a.v_stride[1] = tok;
-        nq = nk = nv = (size_t)c->b * c->sq * tok;
-    } else {
-        nq = (size_t)c->b * c->sq * c->h * c->d;
-        nk = nv = (size_t)c->b * c->sk * c->hkv * c->d;
     }
+    const attn_ref *ref = attn_ref_get(c, &a);
+    CHECK(ref != NULL, "%s: out of host memory for the reference", label);
+    if (!ref) return -1;
+    size_t nq = ref->nq, nk = ref->nk, nv = ref->nv;
     size_t no = (size_t)c->b * c->sq * c->h * c->d, nl = (size_t)c->b * c->h * c->sq;
-    /* packed: k and v are views into q's buffer, offset by H*D and 2*H*D elements */
-    size_t hd = (size_t)c->h * c->d;
-    unsigned short *hq = malloc(nq * 2), *hk = c->packed ? hq + hd : malloc(nk * 2),
-                   *hv = c->packed ? hq + 2 * hd : malloc(nv * 2), *ho = malloc((no + ATTN_GUARD) * 2);
+    unsigned short *ho = malloc((no + ATTN_GUARD) * 2);
     float *hl = malloc((nl + ATTN_GUARD) * 4);
-    unsigned long long seed = fm_test_seed();
-    fm_fill_normal16(hq, nq, bf, seed);
-    if (!c->packed) {
-        fm_fill_normal16(hk, nk, bf, seed + 1);
-        fm_fill_normal16(hv, nv, bf, seed + 2);
-    }
     CUdeviceptr q = 0, k = 0, v = 0, o = 0, l = 0, ws = 0;
     size_t ws_bytes = 0;
     fm_attention_workspace_size(ctx, &a, &ws_bytes);
     fm_context_enter(ctx);
-    CUresult r = d->cuMemAlloc(&q, nq * 2);
+    CUresult r = ho && hl ? d->cuMemAlloc(&q, nq * 2) : CUDA_ERROR_OUT_OF_MEMORY;
     /* split-tail workspace, poisoned: a merge of a partial never written reads NaN */
     if (r == CUDA_SUCCESS && ws_bytes) r = d->cuMemAlloc(&ws, ws_bytes);
     if (r == CUDA_SUCCESS && ws_bytes) r = d->cuMemsetD8(ws, 0xFF, ws_bytes);
@@ -171,11 +230,11 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
     }
     if (r == CUDA_SUCCESS) r = d->cuMemAlloc(&o, (no + ATTN_GUARD) * 2);
     if (r == CUDA_SUCCESS) r = d->cuMemAlloc(&l, (nl + ATTN_GUARD) * 4);
-    if (r == CUDA_SUCCESS) r = d->cuMemcpyHtoD(q, hq, nq * 2);
+    if (r == CUDA_SUCCESS) r = d->cuMemcpyHtoD(q, ref->q, nq * 2);
     if (!c->packed) {
-        if (r == CUDA_SUCCESS) r = d->cuMemcpyHtoD(k, hk, nk * 2);
-        if (r == CUDA_SUCCESS) r = d->cuMemcpyHtoD(v, hv, nv * 2);
-    } else {
+        if (r == CUDA_SUCCESS) r = d->cuMemcpyHtoD(k, ref->k, nk * 2);
+        if (r == CUDA_SUCCESS) r = d->cuMemcpyHtoD(v, ref->v, nv * 2);
+    } else { /* k and v are views into q's buffer, offset by H*D and 2*H*D elements */
         k = q + (CUdeviceptr)(c->h * c->d * 2);
         v = q + (CUdeviceptr)(2 * c->h * c->d * 2);
     }
@@ -216,17 +275,27 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
         long unwritten = 0, guard = 0;
         for (size_t e = 0; e < no; e++) unwritten += ho[e] == 0xFFFF;
         for (size_t e = no; e < no + ATTN_GUARD; e++) guard += ho[e] != 0xFFFF;
-        /* the float64 reference is the slow part: rows are shared out among threads */
-        attn_cmp_job job = {c, &a, hq, hk, hv, ho, hl, 1.0 / sqrt((double)c->d), 0,
-                            PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0};
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        int nth = ncpu > 1 ? (int)(ncpu > 32 ? 32 : ncpu) : 1;
-        pthread_t th[32];
-        int started = 0;
-        for (int t = 0; t < nth; t++) started += pthread_create(&th[started], NULL, attn_cmp_worker, &job) == 0;
-        if (!started) attn_cmp_worker(&job);
-        for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
-        double num = job.num, den = job.den, maxe = job.maxe, lse_err = job.lse_err;
+        double num = 0, den = 0, maxe = 0, lse_err = 0;
+        for (int bb = 0; bb < c->b; bb++)
+            for (int hh = 0; hh < c->h; hh++)
+                for (int i = 0; i < c->sq; i++) {
+                    if (!attn_row_sampled(i, c->sq)) continue;
+                    size_t at = ((size_t)bb * c->sq + i) * c->h * c->d + (size_t)hh * c->d;
+                    for (int x = 0; x < c->d; x++) {
+                        if (ho[at + x] == 0xFFFF) continue; /* counted as unwritten */
+                        double want = ref->o[at + x], e = fm_16_to_float(ho[at + x], bf) - want;
+                        if (!(fabs(e) <= maxe)) maxe = isnan(e) ? INFINITY : fabs(e);
+                        num += e * e;
+                        den += want * want;
+                    }
+                    if (c->lse) {
+                        size_t li = ((size_t)bb * c->h + hh) * c->sq + i;
+                        double want = ref->lse[li];
+                        float got = hl[li];
+                        double e = isinf(want) ? (isinf(got) && got < 0 ? 0 : INFINITY) : fabs(got - want);
+                        if (!(e <= lse_err)) lse_err = isnan(e) ? INFINITY : e;
+                    }
+                }
         if (c->lse)
             for (size_t e = nl; e < nl + ATTN_GUARD; e++) guard += hl[e] == hl[e]; /* must stay NaN */
         rel = den > 0 ? sqrt(num / den) : sqrt(num);
@@ -249,11 +318,6 @@ out:
     if (l) d->cuMemFree(l);
     if (ws) d->cuMemFree(ws);
     fm_context_leave(ctx);
-    free(hq);
-    if (!c->packed) {
-        free(hk);
-        free(hv);
-    }
     free(ho);
     free(hl);
     return rel;

@@ -77,6 +77,7 @@ typedef struct attn_ref {
     fm_attention_args a; /* strides of the inputs (pointers unset) */
     unsigned short *q, *k, *v; /* host inputs; packed: k and v point into q's buffer */
     size_t nq, nk, nv;
+    unsigned long long seed; /* of the inputs: FM_TEST_SEED=seed draws them again */
     float *o;    /* [B, Sq, H, D] reference output, sampled rows only */
     double *lse; /* [B, H, Sq], sampled rows only */
     long next;   /* next (b, h, row) a worker takes while computing */
@@ -166,11 +167,11 @@ static const attn_ref *attn_ref_get(const attn_case *c, const fm_attention_args 
         memset(r, 0, sizeof *r);
         return NULL;
     }
-    unsigned long long seed = fm_test_seed();
-    fm_fill_normal16(r->q, r->nq, bf, seed);
+    r->seed = fm_test_seed();
+    fm_fill_normal16(r->q, r->nq, bf, r->seed);
     if (!c->packed) {
-        fm_fill_normal16(r->k, r->nk, bf, seed + 1);
-        fm_fill_normal16(r->v, r->nv, bf, seed + 2);
+        fm_fill_normal16(r->k, r->nk, bf, r->seed + 1);
+        fm_fill_normal16(r->v, r->nv, bf, r->seed + 2);
     }
     /* the float64 reference is the slow part: rows are shared out among threads */
     pthread_mutex_init(&r->lock, NULL);
@@ -300,11 +301,14 @@ static double attn_run_case(fm_context *ctx, const fm_config *cfg, const attn_ca
             for (size_t e = nl; e < nl + ATTN_GUARD; e++) guard += hl[e] == hl[e]; /* must stay NaN */
         rel = den > 0 ? sqrt(num / den) : sqrt(num);
         double tol = bf ? 1.5e-2 : 4e-3;
-        CHECK(unwritten == 0, "%s: %ld output elements never written", label, unwritten);
-        CHECK(guard == 0, "%s: %ld elements written past the end of o/lse", label, guard);
-        CHECK(rel <= tol, "%s: relative error %.3e > %.1e (max abs %.3e)", label, rel, tol, maxe);
-        CHECK(maxe <= (bf ? 0.1 : 0.02), "%s: max abs error %.3e", label, maxe);
-        if (c->lse) CHECK(lse_err <= 2e-3, "%s: lse error %.3e", label, lse_err);
+        /* a failure names the inputs' seed: FM_TEST_SEED=seed draws the same inputs again */
+        const unsigned long long sd = ref->seed;
+        CHECK(unwritten == 0, "%s: %ld output elements never written (seed %llu)", label, unwritten, sd);
+        CHECK(guard == 0, "%s: %ld elements written past the end of o/lse (seed %llu)", label, guard, sd);
+        CHECK(rel <= tol, "%s: relative error %.3e > %.1e (max abs %.3e, seed %llu)", label, rel, tol,
+              maxe, sd);
+        CHECK(maxe <= (bf ? 0.1 : 0.02), "%s: max abs error %.3e (seed %llu)", label, maxe, sd);
+        if (c->lse) CHECK(lse_err <= 2e-3, "%s: lse error %.3e (seed %llu)", label, lse_err, sd);
         if (rel > tol || unwritten || guard) rel = -rel - 1;
     }
 out:

@@ -163,8 +163,9 @@ static long long add_config(fm_db *db, const char *name, const char *params) {
     return id;
 }
 
-static fm_status add_meas(fm_db *db, long long dev, long long cfg, const char *shape,
-                          const char *status, double median, long long created) {
+/* A bf16 attention row of (device, configuration, shape, status); the rest left at defaults. */
+static fm_db_measurement meas_row(long long dev, long long cfg, const char *shape,
+                                  const char *status) {
     fm_db_measurement m;
     fm_db_measurement_init(&m);
     m.device_id = dev;
@@ -173,6 +174,12 @@ static fm_status add_meas(fm_db *db, long long dev, long long cfg, const char *s
     m.dtype = "bf16";
     m.shape = shape;
     m.status = status;
+    return m;
+}
+
+static fm_status add_meas(fm_db *db, long long dev, long long cfg, const char *shape,
+                          const char *status, double median, long long created) {
+    fm_db_measurement m = meas_row(dev, cfg, shape, status);
     m.median_ms = median;
     if (!isnan(median)) {
         m.min_ms = median * 0.98;
@@ -195,14 +202,7 @@ static fm_status add_meas(fm_db *db, long long dev, long long cfg, const char *s
 /* An "ok" row timed under sustained load (fmtune --sustained). */
 static fm_status add_sustained(fm_db *db, long long dev, long long cfg, const char *shape,
                                double median, long long created) {
-    fm_db_measurement m;
-    fm_db_measurement_init(&m);
-    m.device_id = dev;
-    m.config_id = cfg;
-    m.op = "attn_fwd";
-    m.dtype = "bf16";
-    m.shape = shape;
-    m.status = "ok";
+    fm_db_measurement m = meas_row(dev, cfg, shape, "ok");
     m.median_ms = median;
     m.tool_version = "fmtune 0.1.0" FM_DB_SUSTAINED_SUFFIX;
     m.created_at = created;
@@ -249,14 +249,7 @@ static void fill_a(fm_db *db) {
     add_meas(db, dev, c2, s1, "ok", 1.5, 1764000001);
     add_meas(db, dev, c3, s1, "wrong", 1.2, 1764000002);
     add_meas(db, dev, c1, s2, "ok", 1.0 / 3.0, 1764000003);
-    fm_db_measurement m;
-    fm_db_measurement_init(&m);
-    m.device_id = dev;
-    m.config_id = c3;
-    m.op = "attn_fwd";
-    m.dtype = "bf16";
-    m.shape = s2;
-    m.status = "compile_error";
+    fm_db_measurement m = meas_row(dev, c3, s2, "compile_error");
     m.detail = "line 1: error: 'x' undefined\n\tline 2\r\x7f tab's end";
     m.rel_err = INFINITY;
     m.created_at = 1764000004;

@@ -17,6 +17,9 @@
 #             (SHORT_DIMS, SHORT_CAUSAL, SHORT_SEQS restrict it; SHORT_DB: start from that copy)
 #   shortab   bench_attn on those points: the shipped database against $OUT/short.sqlite, one
 #             process, interleaved
+#   dbab      bench_attn over the grid (BENCH_ONLY: its --only points): the shipped database
+#             against AB_DB (e.g. the same entries moved to a new axis value), one process,
+#             interleaved
 #   moererank fmtune --rerank (no new burst timings; the database's fastest re-ranked under
 #             sustained load) of the Qwen3-30B-A3B and Mixtral-8x7B buckets RERANK_TOKENS (16 1024),
 #             on a copy of the shipped database ($OUT/rerank.sqlite)
@@ -110,6 +113,10 @@ for stage in "$@"; do
       FLASHMOE_SHIPPED_DB=$OUT/short.sqlite python3 bench/bench_attn.py --lib "$B/libflashmoe.so" \
         --ref-lib "$B/libflashmoe.so" --ref-shipped-db "$FLASHMOE_SHIPPED_DB" --out "$OUT/shortab" \
         --only "${pts#,}" 2>&1 | tee "$OUT/shortab.log" | grep -E "^d=|ref|geometric" ;;
+    dbab)
+      FLASHMOE_SHIPPED_DB=$AB_DB python3 bench/bench_attn.py --lib "$B/libflashmoe.so" \
+        --ref-lib "$B/libflashmoe.so" --ref-shipped-db "$FLASHMOE_SHIPPED_DB" --out "$OUT/dbab" \
+        ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/dbab.log" | grep -E "^d=|ref|geometric" ;;
     moererank)
       [ -e "$OUT/rerank.sqlite" ] || cp "$FLASHMOE_SHIPPED_DB" "$OUT/rerank.sqlite"
       for ps in qwen3-30b-a3b mixtral-8x7b; do for t in ${RERANK_TOKENS:-16 1024}; do

@@ -114,6 +114,12 @@ local function o_separate(c)
   return smem_base(c) + c.block_m * c.head_dim * 2 <= smem_limit(c, {})
 end
 
+-- Lazy rescaling of O (see the template's fm_softmax): the rescale it saves is D/2 multiplies per
+-- thread and step. Measured on an H100 (bench/NOTES.md, fourteenth session), with the rescale
+-- after each step's P V: +1 to +5% at every d256 point; at d64 between -3% and +5% (a 32-multiply
+-- saving), and its three-consumer tiles (160 registers) spill with it. On from head dim 128.
+local function lazy_rescale(c) return c.head_dim >= 128 end
+
 local function smem_bytes(c)
   return smem_base(c) + (o_separate(c) and c.block_m * c.head_dim * 2 or 0)
 end
@@ -162,6 +168,11 @@ return {
     -- about 5 TB/s over the card, and reading it twice over measured 3-10% slower under
     -- sustained load (H100, bench/NOTES.md): the card is at its power limit there.
     { name = "cluster", values = { 1, 2 }, default = 1 },
+    -- Cross-tile overlap (persistent): a CTA's key blocks form one stream over its tiles; the
+    -- next tile's first S product is issued with this tile's last P V and the epilogue follows
+    -- (see the template). 0: each tile starts with its first S product and softmax alone and
+    -- ends with its last P V alone.
+    { name = "flat", values = { 0, 1 }, default = 0 },
   },
 
   constraints = {
@@ -229,6 +240,27 @@ return {
       end,
     },
     {
+      -- With one Q slot the next tile's Q is copied only once this tile's S products are done,
+      -- i.e. right at the boundary the overlap is meant to fill.
+      reason = "flat only with a persistent grid and a second Q slot (q_stages 2): the next tile's Q must be in place when this tile's last P V is issued",
+      check = function(c) return c.flat == 0 or (c.persistent == 1 and c.q_stages == 2) end,
+    },
+    {
+      reason = function(c)
+        return string.format("flat keeps the next tile's state and this tile's row state live besides the loop's: needs about %d registers, has %d",
+          consumer_need(c) + 16, consumer_regs(c))
+      end,
+      check = function(c) return c.flat == 0 or consumer_need(c) + 16 <= consumer_regs(c) end,
+    },
+    {
+      -- Seen with NVRTC 13.0: the consumer code is unchanged in size, but the register
+      -- assignment moves and the producer (paired causal schedule) no longer fits 24.
+      reason = "flat with block_n 64 at d64 causal: ptxas spills 4 bytes in the 24-register producer",
+      check = function(c)
+        return c.flat == 0 or not (c.head_dim == 64 and c.causal == 1 and c.block_n == 64)
+      end,
+    },
+    {
       reason = "tma_store only with the output staged in a buffer of its own (o_separate): in the V ring the next tile's V copies would have to wait for the store",
       check = function(c) return c.tma_store == 0 or o_separate(c) end,
     },
@@ -263,6 +295,7 @@ return {
       .. (c.split_tail == 1 and "_sk" or "")
       .. (c.tma_store == 1 and "_ts" or "")
       .. (c.cluster == 1 and "" or string.format("_cl%d", c.cluster))
+      .. (c.flat == 1 and "_fl" or "")
   end,
 
   defines = function(c)
@@ -284,6 +317,8 @@ return {
       FM_SPLIT_TAIL = c.split_tail,
       FM_TMA_STORE = c.tma_store,
       FM_CLUSTER = c.cluster,
+      FM_FLAT = c.flat,
+      FM_LAZY_RESCALE = lazy_rescale(c) and 1 or 0,
       FM_PRODUCER_REGS = sp and c.producer_regs or 0,
       FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,
     }
@@ -303,7 +338,7 @@ return {
   default = function(problem)
     local d, causal = problem.head_dim, problem.causal
     local c = { pingpong = 1, intra_overlap = 1, persistent = causal == 1 and 0 or 1,
-      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, cluster = 1, head_dim = d }
+      producer_regs = 24, ctas_per_sm = 1, q_stages = 1, cluster = 1, flat = 0, head_dim = d }
     if d == 64 then
       c.block_m, c.block_n, c.stages, c.consumer_wgs = 192, 128, 3, 3
     elseif d == 128 then

@@ -21,6 +21,11 @@
  *    [key][dim], is read transposed through its descriptor).
  *  - FM_INTRA_OVERLAP: a consumer issues S_n = Q K_n^T and O += P_{n+1} V_{n+1} back to back and
  *    runs the softmax of S_n while the second product is still on the tensor cores.
+ *  - FM_FLAT (persistent, with intra-warpgroup overlap): the key blocks of a CTA's tiles form
+ *    one stream. At a tile's end the next tile's first S product goes to the tensor cores with
+ *    this tile's last P V, as any two blocks inside a tile do, and the epilogue runs after
+ *    them; without it the last P V and the next first S product (and its softmax) each ran
+ *    alone, about 5% of a 32-block d128 tile (bench/NOTES.md).
  *  - FM_PINGPONG: the consumers take turns issuing their products (a token passed through named
  *    barriers), so one warpgroup's softmax runs while another's products occupy the tensor cores.
  *  - Key blocks are visited from the last to the first, so the blocks that need masking (the
@@ -106,6 +111,14 @@
 #ifndef FM_CLUSTER
 #define FM_CLUSTER 1 /* CTAs per cluster sharing each K/V block (multicast); see the header */
 #endif
+#ifndef FM_FLAT
+#define FM_FLAT 0 /* persistent: the next tile's first S product issued with the last P V */
+#endif
+#ifndef FM_LAZY_RESCALE
+#define FM_LAZY_RESCALE 1 /* a row's softmax reference moves only when its maximum grows by more
+                           * than FM_RESCALE_LOG2 (see fm_softmax) */
+#endif
+#define FM_RESCALE_LOG2 8.0f
 /* Register split under setmaxnreg: the producer needs few (one thread issues copies), the
  * consumers hold O (D/2 floats), S (BLOCK_N/2 floats) and P (BLOCK_N/4 words) per thread. With
  * one consumer warpgroup and one CTA per SM the entry cap (65536 / 256 = 255) is already the
@@ -187,6 +200,12 @@
 #endif
 #if FM_CLUSTER > 1 && (!FM_PERSISTENT || FM_CAUSAL || FM_CTAS_PER_SM != 1 || FM_BLOCK_N % 16 != 0)
 #error "FM_CLUSTER 2 needs a persistent, non-causal grid of one CTA per SM and block_n a multiple of 16"
+#endif
+#if FM_FLAT != 0 && FM_FLAT != 1
+#error "FM_FLAT must be 0 or 1"
+#endif
+#if FM_FLAT && (!FM_PERSISTENT || !FM_INTRA_OVERLAP)
+#error "FM_FLAT needs a persistent grid and intra-warpgroup overlap"
 #endif
 #if FM_CTAS_PER_SM > 1 && FM_CONSUMER_WGS > 1
 #error "two CTAs per SM only with one consumer warpgroup"
@@ -496,10 +515,17 @@ static __device__ __forceinline__ void fm_mask(float (&s)[FM_BN / 2], int col0, 
     }
 }
 
-/* Online softmax of one block. m: running raw maxima of the thread's two rows, l: running
- * per-thread partial sums (reduced over the quad only at the end), scl: factor to apply to O.
- * CHECK_INF: the block may hold rows with every score masked, whose maximum is -inf; the
- * exponent offset is then 0 so that exp2(-inf - 0) = 0 and no inf - inf appears. */
+/* Online softmax of one block. m: the thread's two rows' reference maxima (raw scores), l:
+ * running per-thread partial sums (reduced over the quad only at the end), scl: factor to apply
+ * to O. CHECK_INF: the block may hold rows with every score masked, whose maximum is -inf; the
+ * exponent offset is then 0 so that exp2(-inf - 0) = 0 and no inf - inf appears.
+ * FM_LAZY_RESCALE: the reference is the running maximum only up to a factor: it moves (and O
+ * and l are rescaled) only when the block's maximum exceeds it by more than 2^FM_RESCALE_LOG2 =
+ * 256 in the exponentials, which after the first blocks of a row almost never happens. P is
+ * then at most 256 (bf16 and fp16 hold that with the same relative precision), l and O grow by
+ * at most that factor in fp32, and the 64-128 multiplies per thread of rescaling O drop out of
+ * nearly every step (about an eighth of a d128 step's instructions). The result is the same
+ * softmax: O / l and lse = m + log2(l) do not depend on the reference. */
 template <bool CHECK_INF>
 static __device__ __forceinline__ void fm_softmax(float (&s)[FM_BN / 2], float (&m)[2],
                                                   float (&l)[2], float (&scl)[2], float sl2) {
@@ -525,6 +551,16 @@ static __device__ __forceinline__ void fm_softmax(float (&s)[FM_BN / 2], float (
     float ms[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
+#if FM_LAZY_RESCALE
+        /* Keep the reference while the maximum stays within the margin. The first block
+         * (m = -inf: +inf) and rows still fully masked (-inf - -inf = NaN) fail the test and
+         * take the update path. */
+        if ((mx[h] - m[h]) * sl2 <= FM_RESCALE_LOG2) {
+            ms[h] = m[h] * sl2;
+            scl[h] = 1.f;
+            continue;
+        }
+#endif
         ms[h] = mx[h] * sl2;
         if (CHECK_INF && mx[h] == fm_neg_inf()) ms[h] = 0.f;
         /* m = -inf (nothing seen yet) gives exp2(-inf) = 0: O and l are 0 then anyway. */
@@ -552,6 +588,18 @@ static __device__ __forceinline__ void fm_rescale(float (&o)[FM_D / 2], const fl
         o[4 * i + 2] *= scl[1];
         o[4 * i + 3] *= scl[1];
     }
+}
+
+/* O *= scl where a row of the warp moved its reference (FM_LAZY_RESCALE: rarely). Called only
+ * with no product of the warpgroup in flight: a branch there would make ptxas serialise every
+ * wgmma of the kernel (C7518). */
+static __device__ __forceinline__ void fm_rescale_lazy(float (&o)[FM_D / 2],
+                                                       const float (&scl)[2]) {
+#if FM_LAZY_RESCALE
+    if (__any_sync(0xffffffffu, scl[0] != 1.f || scl[1] != 1.f)) fm_rescale(o, scl);
+#else
+    fm_rescale(o, scl);
+#endif
 }
 
 /* S (accumulator layout) -> P as wgmma A fragments: k16 step kk is S columns 16kk..16kk+15,
@@ -679,7 +727,7 @@ static __device__ __forceinline__ void fm_step_serial(fm_consumer &c, int nb, fl
                                                       float (&m)[2], float (&l)[2],
                                                       float (&scl)[2]) {
     fm_s_and_softmax<MASKED>(c, nb, s, m, l, scl);
-    fm_rescale(o, scl);
+    fm_rescale_lazy(o, scl);
     fm_convert_p(pa, s);
     fm_mbar_wait(c.bar_v_full + 8 * c.stage, c.phase);
     c.turn_sync();
@@ -693,7 +741,10 @@ static __device__ __forceinline__ void fm_step_serial(fm_consumer &c, int nb, fl
 
 /* With intra-warpgroup overlap, steady state: S_n = Q K_n^T and O += P_{n+1} V_{n+1} go to
  * the tensor cores back to back; the softmax of S_n runs while P V is still in flight. pa holds
- * P_{n+1} on entry and P_n on exit; (pstage, pphase) is the ring slot of block n+1. */
+ * P_{n+1} on entry and P_n on exit; (pstage, pphase) is the ring slot of block n+1.
+ * O is brought to block n+1's reference before P_{n+1} V is issued: with FM_LAZY_RESCALE first
+ * thing in the step, where no product is in flight (the branch that skips it is allowed there),
+ * else between the two issues, while the S product runs. */
 template <bool MASKED>
 static __device__ __forceinline__ void fm_step_overlap(fm_consumer &c, int nb,
                                                        float (&o)[FM_D / 2],
@@ -702,10 +753,15 @@ static __device__ __forceinline__ void fm_step_overlap(fm_consumer &c, int nb,
                                                        float (&m)[2], float (&l)[2],
                                                        float (&scl)[2], int &pstage,
                                                        unsigned &pphase) {
+#if FM_LAZY_RESCALE
+    fm_rescale_lazy(o, scl); /* O was last written by the P V waited on in the previous step */
+#endif
     fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
     c.turn_sync();
     fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
+#if !FM_LAZY_RESCALE
     fm_rescale(o, scl); /* O was last written by the P V waited on in the previous step */
+#endif
     fm_mbar_wait(c.bar_v_full + 8 * pstage, pphase);
     fm_gemm_pv(o, pa, c.vdesc(pstage));
     c.turn_pass();
@@ -863,6 +919,123 @@ static __device__ __forceinline__ void fm_sk_merge(const fm_attn_kernel_params &
 }
 #endif
 
+/* ---- epilogue ------------------------------------------------------------------------------ */
+/* Tile (or piece) v of this consumer warpgroup is complete in o, m, l: a split-tail writer
+ * hands its partial result on, an owner merges the others'; otherwise normalise, stage through
+ * shared memory, store, and write the lse. No product of this warpgroup is in flight here: the
+ * branches on the thread index below would otherwise make ptxas serialise every wgmma of the
+ * kernel (C7518). */
+static __device__ __forceinline__ void fm_epilogue(const fm_attn_kernel_params &p,
+                                                   const fm_tma_desc *tmO, int v, int cw, int tid,
+                                                   int lane, int row_in_wg0, float (&o)[FM_D / 2],
+                                                   float (&m)[2], float (&l)[2], float sl2,
+                                                   unsigned sQ, unsigned sV, unsigned bar_o_empty) {
+#if FM_SPLIT_TAIL
+    if (v < 0) {
+        const int vo = fm_opaque(v);
+        const fm_piece pc = fm_iter_piece(vo, p);
+        if (pc.role == 1) {
+            /* A writer: the partial result goes to this CTA's slot; no output. */
+            fm_sk_write(p, cw, tid, o, m, l);
+#if !FM_O_SEPARATE
+            fm_arrive_all(bar_o_empty); /* the staging area was not touched */
+#endif
+            return;
+        }
+        if (pc.role == 2) fm_sk_merge(p, vo, cw, tid, o, m, l, sl2);
+    }
+#endif
+    /* Where the rows go, derived again from the tile index rather than kept live through the
+     * main loop (registers are scarcest there: 160 with three consumers). */
+    int bh, mb;
+    fm_iter_tile(fm_opaque(v), p, bh, mb);
+    const int row_base = fm_tile_row0(mb) + cw * 64;
+    const int row0 = row_base + row_in_wg0;
+    const int eb = bh / p.heads, eh = bh - eb * p.heads;
+    float inv[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    }
+    if (p.lse && (lane & 3) == 0) {
+        float *lse = p.lse + (long long)bh * p.seqlen_q; /* bh = b * heads + h */
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = row0 + 8 * h;
+            if (row < p.seqlen_q)
+                lse[row] = l[h] > 0.f ? (m[h] * sl2 + fm_log2(l[h])) * FM_LN2 : fm_neg_inf();
+        }
+    }
+    /* Staging layout: D/64 chunks of [64 rows][128 bytes] with the 128-byte swizzle, so the 8
+     * rows a warp writes per instruction hit 8 distinct 16-byte units: no bank conflicts. */
+#if FM_O_SEPARATE
+    /* This warpgroup's own rows: only its warps' reads of the previous tile's output (rows other
+     * warps wrote, or the copy engine's store) must be done before they are overwritten. */
+#if FM_TMA_STORE
+    if (tid == 0) fm_tma_store_wait_read<0>();
+#endif
+    fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+    /* opaque: else the staging addresses (one per store) are computed once before the tile loop
+     * and held in registers through the main loop, which spilled */
+    const unsigned so = (unsigned)fm_opaque((int)(sQ + FM_OFF_O + (unsigned)(cw * 64 * FM_D * 2)));
+    (void)sV;
+#else
+    /* The V ring, once every consumer's last P V has completed (the other warpgroups may lag by
+     * up to a step under ping-pong). */
+    fm_bar_sync(FM_BAR_CONSUMERS, 128 * FM_CONSUMER_WGS);
+    const unsigned so = (unsigned)fm_opaque((int)(sV + (unsigned)(cw * 64 * FM_D * 2)));
+    (void)sQ;
+#endif
+#pragma unroll
+    for (int i = 0; i < FM_D / 8; i++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = row_in_wg0 + 8 * h;
+            const unsigned addr = so + (unsigned)((i / 8) * 64 * 128 + r * 128 +
+                                                  (((i % 8) ^ (r & 7)) << 4) + (lane & 3) * 4);
+            fm_st_shared_b32(addr, fm_pack_elem2(o[4 * i + 2 * h] * inv[h],
+                                                 o[4 * i + 2 * h + 1] * inv[h]));
+        }
+    }
+#if FM_TMA_STORE
+    /* One thread hands the rows to the copy engine (rows past seqlen_q fall outside the tensor
+     * map and are not written) and the warpgroup goes on to its next tile; the staging area is
+     * waited for before its next use. */
+    fm_fence_proxy_async();
+    fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+    if (tid == 0) {
+#pragma unroll
+        for (int ch = 0; ch < FM_DCHUNKS; ch++)
+            fm_tma_store_4d(tmO, so + (unsigned)(ch * 64 * 128), 64 * ch, row_base, eh, eb);
+        fm_tma_store_commit();
+    }
+#else
+    (void)tmO;
+    unsigned short *const og = (unsigned short *)p.o;
+    const long long o_base = (long long)eb * p.o_stride_b + (long long)eh * p.o_stride_h;
+    fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
+#pragma unroll
+    for (int it = 0; it < 64 * FM_D / 8 / 128; it++) {
+        const int u = it * 128 + tid;
+        const int r = u / (FM_D / 8);
+        const int cu = u % (FM_D / 8); /* 16-byte unit along the row */
+        unsigned w[4];
+        fm_ld_shared_v4(so + (unsigned)((cu / 8) * 64 * 128 + r * 128 + (((cu % 8) ^ (r & 7)) << 4)),
+                        w);
+        if (row_base + r < p.seqlen_q)
+            fm_st_global_v4(og + o_base + (long long)(row_base + r) * p.o_stride_s + cu * 8, w);
+    }
+#endif
+#if !FM_O_SEPARATE
+    /* The next tile's V copies (async proxy) overwrite the staging area: order our generic
+     * accesses before them, then release it. */
+    fm_fence_proxy_async();
+    fm_arrive_all(bar_o_empty);
+#endif
+}
+
 /* ---- the kernel ----------------------------------------------------------------------------- */
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
     fm_attn_fwd_sm90(const __grid_constant__ fm_tma_desc tmQ,
@@ -1011,11 +1184,22 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
 #endif
         unsigned q_iter = 0;
         unsigned short *const og = (unsigned short *)p.o;
+        float o[FM_D / 2];
+        float m[2], l[2], scl[2];
+        unsigned pa[FM_BN / 16][4];
+        /* FM_FLAT: the current tile's first block (S, softmax, P) was done by the previous
+         * tile's last step; its loop resumes at block n_carry. */
+        bool carried = false;
+        int n_carry = 0;
 
         fm_tile_iter tiles;
-        for (fm_iter_init(tiles, p); fm_iter_more(tiles, p); fm_iter_advance(tiles, p)) {
+        fm_iter_init(tiles, p);
+        while (fm_iter_more(tiles, p)) {
             int bh, mb;
-            if (!fm_iter_tile(tiles.v, p, bh, mb)) continue;
+            if (!fm_iter_tile(tiles.v, p, bh, mb)) {
+                fm_iter_advance(tiles, p);
+                continue;
+            }
             const fm_tile tile = fm_iter_make(tiles.v, bh, mb, p);
             /* first query row of this WG (with a cluster, this CTA's rows of the cluster's tile) */
             const int first_row = fm_tile_row0(tile.mb) + cw * 64;
@@ -1039,62 +1223,124 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                 if (p.lse && tid < 64 && row_base + tid < p.seqlen_q)
                     p.lse[((long long)tile.b * p.heads + tile.h) * p.seqlen_q + row_base + tid] =
                         fm_neg_inf();
+                fm_iter_advance(tiles, p);
                 continue;
             }
-
-#if FM_CAUSAL
-            c.lim0 = first_row + row_in_wg0 + p.causal_offset + 1;
-#else
-            c.lim0 = p.seqlen_k;
-#endif
-            float o[FM_D / 2];
-#pragma unroll
-            for (int i = 0; i < FM_D / 2; i++) o[i] = 0.f;
-            float m[2] = {fm_neg_inf(), fm_neg_inf()};
-            float l[2] = {0.f, 0.f};
-            float scl[2];
-            float s[FM_BN / 2];
-            unsigned pa[FM_BN / 16][4];
 
             /* This warpgroup's own key range (see fm_key_range): blocks wg_end..n_end-1 are
              * loaded for the other warpgroups only. */
             int wg_end, wg_mask_from;
             fm_key_range(first_row, 64, p, wg_end, wg_mask_from);
-
-            /* Q before any arrival on q_empty (even with nothing to multiply): q_full of this
-             * tile means the producer saw the previous tile's q_empty complete. */
             const unsigned qslot = q_iter % FM_Q_STAGES;
-            c.qdesc = qdesc0 + (unsigned long long)(qslot * (FM_Q_BYTES >> 4));
-            fm_mbar_wait(bar_q_full + 8 * qslot, (q_iter / FM_Q_STAGES) & 1);
-            int n = tile.n_end - 1;
             const int n_lo = tile.n_lo;
-#pragma unroll 1
-            for (; n >= max(wg_end, n_lo); n--) fm_skip_block(c);
-#if FM_INTRA_OVERLAP
-            if (n < n_lo) {
-                /* Nothing visible to these rows: O = 0, l = 0 (the epilogue writes 0 / -inf). */
-                fm_mbar_arrive(bar_q_empty + 8 * qslot);
+            /* S is per tile: declared out here its last values would stay live through the
+             * epilogue (the wgmma asm reads its accumulators), 64 registers more at d128. */
+            float s[FM_BN / 2];
+            int n;
+            bool any = true; /* does this warpgroup multiply anything in this tile? */
+            int pstage = 0; /* ring slot of the block whose P V is pending (in pa) */
+            unsigned pphase = 0;
+            if (carried) {
+                /* c.lim0, c.qdesc, o, m, l, scl and pa were set by the last tile's last step;
+                 * the pending P V is the slot before the current one (derived here rather than
+                 * kept live through the epilogue). */
+                n = n_carry;
+                pstage = c.stage == 0 ? FM_STAGES - 1 : c.stage - 1;
+                pphase = c.stage == 0 ? c.phase ^ 1u : c.phase;
+                carried = false;
             } else {
-                /* First block: S and softmax only. */
-                if (n >= wg_mask_from)
-                    fm_s_and_softmax<true>(c, n, s, m, l, scl);
-                else
-                    fm_s_and_softmax<false>(c, n, s, m, l, scl);
-                fm_convert_p(pa, s);
-                int pstage = c.stage;
-                unsigned pphase = c.phase;
-                c.advance();
-                n--;
+#if FM_CAUSAL
+                c.lim0 = first_row + row_in_wg0 + p.causal_offset + 1;
+#else
+                c.lim0 = p.seqlen_k;
+#endif
+#pragma unroll
+                for (int i = 0; i < FM_D / 2; i++) o[i] = 0.f;
+                m[0] = m[1] = fm_neg_inf();
+                l[0] = l[1] = 0.f;
+                /* Q before any arrival on q_empty (even with nothing to multiply): q_full of
+                 * this tile means the producer saw the previous tile's q_empty complete. */
+                c.qdesc = qdesc0 + (unsigned long long)(qslot * (FM_Q_BYTES >> 4));
+                fm_mbar_wait(bar_q_full + 8 * qslot, (q_iter / FM_Q_STAGES) & 1);
+                n = tile.n_end - 1;
+#pragma unroll 1
+                for (; n >= max(wg_end, n_lo); n--) fm_skip_block(c);
+#if FM_INTRA_OVERLAP
+                if (n < n_lo) {
+                    any = false; /* nothing visible to these rows: the epilogue writes 0 / -inf */
+                } else {
+                    /* First block: S and softmax only. */
+                    if (n >= wg_mask_from)
+                        fm_s_and_softmax<true>(c, n, s, m, l, scl);
+                    else
+                        fm_s_and_softmax<false>(c, n, s, m, l, scl);
+                    fm_convert_p(pa, s);
+                    pstage = c.stage;
+                    pphase = c.phase;
+                    c.advance();
+                    n--;
+                }
+#endif
+            }
+            /* What the epilogue writes: this tile's row state (FM_FLAT: m and l go on to the next
+             * tile's first block before the epilogue). */
+            float em[2], el[2];
+#if FM_INTRA_OVERLAP
+            if (any) {
 #pragma unroll 1
                 for (; n >= n_lo && n >= wg_mask_from; n--)
                     fm_step_overlap<true>(c, n, o, s, pa, m, l, scl, pstage, pphase);
 #pragma unroll 1
                 for (; n >= n_lo; n--)
                     fm_step_overlap<false>(c, n, o, s, pa, m, l, scl, pstage, pphase);
-                /* Every S product is done (the last step waited for all groups): Q may go. */
-                fm_mbar_arrive(bar_q_empty + 8 * qslot);
+            }
+            /* Every S product is done (the last step waited for all groups): Q may go. */
+            fm_mbar_arrive(bar_q_empty + 8 * qslot);
+            em[0] = m[0], em[1] = m[1], el[0] = l[0], el[1] = l[1];
+#if FM_FLAT
+            /* Cross-tile step: the next tile's first S product goes to the tensor cores with this
+             * tile's last P V (one fm_step_overlap, as inside a tile), and its softmax runs while
+             * that P V does; the epilogue follows. The boundary then costs the tensor cores no
+             * idle step: without it, the last P V ran alone, and the next tile's first S product
+             * and softmax ran with no P V beside them. Only where that first block is the next
+             * tile's first (no skipped blocks: a skipped block would wait for the V slot the
+             * pending P V still holds). */
+            fm_tile_iter nx = tiles;
+            int nbh = 0, nmb = 0;
+            bool found = false;
+            if (any) {
+                fm_iter_advance(nx, p);
+                while (fm_iter_more(nx, p) && !(found = fm_iter_tile(nx.v, p, nbh, nmb)))
+                    fm_iter_advance(nx, p);
+            }
+            if (found) {
+                const fm_tile nt = fm_iter_make(nx.v, nbh, nmb, p);
+                const int nrow = fm_tile_row0(nt.mb) + cw * 64;
+                int nwg_end, nwg_mask_from;
+                fm_key_range(nrow, 64, p, nwg_end, nwg_mask_from);
+                const int nf = nt.n_end - 1; /* the next tile's first block */
+                if (nt.n_end > 0 && nwg_end >= nt.n_end && nf >= nt.n_lo) {
+#if FM_CAUSAL
+                    c.lim0 = nrow + row_in_wg0 + p.causal_offset + 1;
+#endif
+                    const unsigned nslot = (q_iter + 1) % FM_Q_STAGES;
+                    c.qdesc = qdesc0 + (unsigned long long)(nslot * (FM_Q_BYTES >> 4));
+                    fm_mbar_wait(bar_q_full + 8 * nslot, ((q_iter + 1) / FM_Q_STAGES) & 1);
+                    m[0] = m[1] = fm_neg_inf();
+                    l[0] = l[1] = 0.f;
+                    if (nf >= nwg_mask_from)
+                        fm_step_overlap<true>(c, nf, o, s, pa, m, l, scl, pstage, pphase);
+                    else
+                        fm_step_overlap<false>(c, nf, o, s, pa, m, l, scl, pstage, pphase);
+                    carried = true;
+                    n_carry = nf - 1;
+                }
+            }
+            if (!carried)
+#endif
+            if (any) {
                 /* Last P V. */
-                fm_rescale(o, scl);
+                fm_rescale_lazy(o, scl);
                 fm_mbar_wait(bar_v_full + 8 * pstage, pphase);
                 fm_gemm_pv(o, pa, c.vdesc(pstage));
                 fm_wgmma_wait<0>();
@@ -1102,123 +1348,31 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                 c.release(bar_v_empty + 8 * pstage);
             }
 #else
+            (void)any;
 #pragma unroll 1
             for (; n >= n_lo && n >= wg_mask_from; n--)
                 fm_step_serial<true>(c, n, o, s, pa, m, l, scl);
 #pragma unroll 1
             for (; n >= n_lo; n--) fm_step_serial<false>(c, n, o, s, pa, m, l, scl);
             fm_mbar_arrive(bar_q_empty + 8 * qslot);
+            em[0] = m[0], em[1] = m[1], el[0] = l[0], el[1] = l[1];
 #endif
-#if FM_SPLIT_TAIL
-            if (tiles.v < 0) {
-                const int v = fm_opaque(tiles.v);
-                const fm_piece pc = fm_iter_piece(v, p);
-                if (pc.role == 1) {
-                    /* A writer: the partial result goes to this CTA's slot; no output. */
-                    fm_sk_write(p, cw, tid, o, m, l);
-#if !FM_O_SEPARATE
-                    fm_arrive_all(bar_o_empty); /* the staging area was not touched */
-#endif
-                    q_iter++;
-                    continue;
-                }
-                if (pc.role == 2) fm_sk_merge(p, v, cw, tid, o, m, l, c.sl2);
-            }
-#endif
-            /* ---- epilogue: normalise, stage through this WG's Q rows, 16-byte stores ---- */
-            /* Where the rows go, derived again from the tile index rather than kept live through
-             * the main loop (registers are scarcest there: 160 with three consumers). */
-            fm_iter_tile(fm_opaque(tiles.v), p, bh, mb);
-            const int row_base = fm_tile_row0(mb) + cw * 64;
-            const int row0 = row_base + row_in_wg0;
-            const int eb = bh / p.heads, eh = bh - eb * p.heads;
-            const long long o_base = (long long)eb * p.o_stride_b + (long long)eh * p.o_stride_h;
-            float inv[2];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-                inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
-            }
-            if (p.lse && (lane & 3) == 0) {
-                float *lse = p.lse + (long long)bh * p.seqlen_q; /* bh = b * heads + h */
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int row = row0 + 8 * h;
-                    if (row < p.seqlen_q)
-                        lse[row] = l[h] > 0.f
-                                       ? (m[h] * c.sl2 + fm_log2(l[h])) * FM_LN2
-                                       : fm_neg_inf();
-                }
-            }
-            /* Staging layout: D/64 chunks of [64 rows][128 bytes] with the 128-byte swizzle, so
-             * the 8 rows a warp writes per instruction hit 8 distinct 16-byte units: no bank
-             * conflicts. */
-#if FM_O_SEPARATE
-            /* This warpgroup's own rows: only its warps' reads of the previous tile's output
-             * (rows other warps wrote, or the copy engine's store) must be done before they are
-             * overwritten. */
-#if FM_TMA_STORE
-            if (tid == 0) fm_tma_store_wait_read<0>();
-#endif
-            fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
-            const unsigned so = sQ + FM_OFF_O + (unsigned)(cw * 64 * FM_D * 2);
-#else
-            /* The V ring, once every consumer's last P V has completed (the other warpgroups may
-             * lag by up to a step under ping-pong). */
-            fm_bar_sync(FM_BAR_CONSUMERS, 128 * FM_CONSUMER_WGS);
-            const unsigned so = sV + (unsigned)(cw * 64 * FM_D * 2);
-#endif
-#pragma unroll
-            for (int i = 0; i < FM_D / 8; i++) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int r = row_in_wg0 + 8 * h;
-                    const unsigned addr = so + (unsigned)((i / 8) * 64 * 128 + r * 128 +
-                                                          (((i % 8) ^ (r & 7)) << 4) +
-                                                          (lane & 3) * 4);
-                    fm_st_shared_b32(addr, fm_pack_elem2(o[4 * i + 2 * h] * inv[h],
-                                                         o[4 * i + 2 * h + 1] * inv[h]));
-                }
-            }
-#if FM_TMA_STORE
-            /* One thread hands the rows to the copy engine (rows past seqlen_q fall outside the
-             * tensor map and are not written) and the warpgroup goes on to its next tile; the
-             * staging area is waited for before its next use. */
-            fm_fence_proxy_async();
-            fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
-            if (tid == 0) {
-#pragma unroll
-                for (int ch = 0; ch < FM_DCHUNKS; ch++)
-                    fm_tma_store_4d(&tmO, so + (unsigned)(ch * 64 * 128), 64 * ch, row_base, eh,
-                                    eb);
-                fm_tma_store_commit();
-            }
-            (void)og;
-            (void)o_base;
-#else
-            fm_bar_sync(FM_BAR_EPI + (unsigned)cw, 128);
-#pragma unroll
-            for (int it = 0; it < 64 * FM_D / 8 / 128; it++) {
-                const int u = it * 128 + tid;
-                const int r = u / (FM_D / 8);
-                const int cu = u % (FM_D / 8); /* 16-byte unit along the row */
-                unsigned v[4];
-                fm_ld_shared_v4(so + (unsigned)((cu / 8) * 64 * 128 + r * 128 +
-                                                (((cu % 8) ^ (r & 7)) << 4)),
-                                v);
-                if (row_base + r < p.seqlen_q)
-                    fm_st_global_v4(og + o_base + (long long)(row_base + r) * p.o_stride_s + cu * 8,
-                                    v);
-            }
-#endif
-#if !FM_O_SEPARATE
-            /* The next tile's V copies (async proxy) overwrite the staging area: order our
-             * generic accesses before them, then release it. */
-            fm_fence_proxy_async();
-            fm_arrive_all(bar_o_empty);
-#endif
+            fm_epilogue(p, &tmO, tiles.v, cw, tid, lane, row_in_wg0, o, em, el, c.sl2, sQ, sV,
+                        bar_o_empty);
             q_iter++;
+#if FM_FLAT
+            if (carried) {
+                /* The next tile's O starts from zero (its first P V is in the next step). The
+                 * fence hides the constant: known zeros, ptxas kept a second copy of O live
+                 * through the main loop (55 registers more at d128). */
+#pragma unroll
+                for (int i = 0; i < FM_D / 2; i++) o[i] = 0.f;
+                fm_fence_regs(o);
+                tiles = nx;
+                continue;
+            }
+#endif
+            fm_iter_advance(tiles, p);
         }
 #if FM_TMA_STORE
         /* the shared memory must outlive the copy engine's last read of it */

@@ -4,6 +4,8 @@
  *  A. the tuner's reference kernel (attn_ref) against the CPU, since the tuner trusts it;
  *  B. every kept configuration of every family the device runs, for every problem of the default
  *     space (dtype x head dim x causal), on an odd shape (Sq=300, Sk=333, GQA 2:1, with LSE);
+ *     then on cases aimed at one mechanism each: the split tail, clusters, persistent CTAs
+ *     running several tiles, and scores whose maximum keeps moving (the rescaling of O);
  *  C. the runtime's own choice (fm_attention_fwd) and each family's default on the full list:
  *     lengths 1, 17, 1000, 4097, Sq != Sk both ways (bottom-right causal, rows seeing no key),
  *     GQA and MQA, a packed QKV layout (strides), with and without LSE.
@@ -202,11 +204,11 @@ int main(void) {
     const char *match = getenv("FM_TEST_MATCH");
 
     /* A */
-    attn_case ra = {FM_DTYPE_BF16, 1, 300, 333, 2, 1, 128, 1, 1, 0};
+    attn_case ra = {FM_DTYPE_BF16, 1, 300, 333, 2, 1, 128, 1, 1, 0, 0};
     check_reference(ctx, ra);
-    attn_case rb = {FM_DTYPE_FP16, 2, 100, 17, 2, 2, 256, 1, 1, 0};
+    attn_case rb = {FM_DTYPE_FP16, 2, 100, 17, 2, 2, 256, 1, 1, 0, 0};
     check_reference(ctx, rb);
-    attn_case rc = {FM_DTYPE_BF16, 1, 65, 65, 1, 1, 64, 0, 1, 0};
+    attn_case rc = {FM_DTYPE_BF16, 1, 65, 65, 1, 1, 64, 0, 1, 0, 0};
     check_reference(ctx, rc);
 
     /* B */
@@ -293,6 +295,23 @@ int main(void) {
         if (npe % 100 == 0) printf("  persistent: %d checked, %d correct\n", npe, pe_ok);
     }
     printf("B: persistent, several tiles per CTA: %d of %d configurations correct\n", pe_ok, npe);
+    /* Scores whose maximum keeps growing from block to block (attn_spread_keys): the running
+     * maximum moves mid-row, so the rescaling of O (lazy in the sm90 kernels: only past a
+     * margin) is exercised, which normal random scores hardly do. Every configuration, both
+     * types (P, up to 256 with the lazy margin, is rounded to the input type). */
+    int nsp = 0, sp_ok = 0;
+    for (int i = 0; i < all.n; i++) {
+        if (st[i] != FM_OK) continue;
+        attn_case c = case_of(&all.v[i], 1, 200, 1333, 4, 2, 1);
+        c.spread = 1;
+        char label[300];
+        snprintf(label, sizeof label, "%s spread b=1 sq=200 sk=1333 h=4 hkv=2", all.v[i].name);
+        nsp++;
+        if (attn_run_case(ctx, &all.v[i], &c, label) >= 0) sp_ok++;
+        else printf("  failed: %s\n", label);
+    }
+    printf("B: spread scores (the maximum moving mid-row): %d of %d configurations correct\n",
+           sp_ok, nsp);
     free(st);
 
     /* C: the runtime's choice, then each family's default, on the full list */

@@ -25,7 +25,8 @@
  *    one stream. At a tile's end the next tile's first S product goes to the tensor cores with
  *    this tile's last P V, as any two blocks inside a tile do, and the epilogue runs after
  *    them; without it the last P V and the next first S product (and its softmax) each ran
- *    alone, about 5% of a 32-block d128 tile (bench/NOTES.md).
+ *    alone, about 5% of a 32-block d128 tile. Measured neutral on its own at the power limit,
+ *    ahead at d128 S2048-8192 together with clusters (bench/NOTES.md, fourteenth session).
  *  - FM_PINGPONG: the consumers take turns issuing their products (a token passed through named
  *    barriers), so one warpgroup's softmax runs while another's products occupy the tensor cores.
  *  - Key blocks are visited from the last to the first, so the blocks that need masking (the

@@ -115,9 +115,10 @@ local function o_separate(c)
 end
 
 -- Lazy rescaling of O (see the template's fm_softmax): the rescale it saves is D/2 multiplies per
--- thread and step. Measured on an H100 (bench/NOTES.md, fourteenth session), with the rescale
--- after each step's P V: +1 to +5% at every d256 point; at d64 between -3% and +5% (a 32-multiply
--- saving), and its three-consumer tiles (160 registers) spill with it. On from head dim 128.
+-- thread and step. Measured (bench/NOTES.md, fourteenth session, same-process A/B): every d256
+-- point faster, +2.8% (H100) and +3.2% (H200) on average; d128 neutral (+0.4% / +0.6%); d64 (a
+-- 32-multiply saving) between -3% and +5% in a first version, and its three-consumer tiles
+-- (160 registers) spill with it. On from head dim 128.
 local function lazy_rescale(c) return c.head_dim >= 128 end
 
 local function smem_bytes(c)

@@ -116,6 +116,14 @@ static void check_reference(fm_context *ctx, attn_case c) {
     free(hl);
 }
 
+/* One configuration on one case of a B section: counted in *n, and in *ok when it is correct. */
+static void count_case(fm_context *ctx, const fm_config *cfg, const attn_case *c, const char *label,
+                       int *n, int *ok) {
+    (*n)++;
+    if (attn_run_case(ctx, cfg, c, label) >= 0) (*ok)++;
+    else printf("  failed: %s\n", label);
+}
+
 /* ---- B: every configuration --------------------------------------------------------------- */
 typedef struct cfg_list {
     fm_config *v;
@@ -253,9 +261,7 @@ int main(void) {
             c = case_of(&all.v[i], 3, 300, 1333, 20, 5, 1);
             char label[300];
             snprintf(label, sizeof label, "%s split b=3 sq=300 sk=1333 h=20 hkv=5", all.v[i].name);
-            nsplit++;
-            if (attn_run_case(ctx, &all.v[i], &c, label) >= 0) split_ok++;
-            else printf("  failed: %s\n", label);
+            count_case(ctx, &all.v[i], &c, label, &nsplit, &split_ok);
         }
     }
     printf("B: %d of %d configurations correct on Sq=300 Sk=333 GQA 2:1; split tail: %d of %d\n",
@@ -269,9 +275,7 @@ int main(void) {
         attn_case c = case_of(&all.v[i], 3, 4097, 4097, 4, 2, 1);
         char label[300];
         snprintf(label, sizeof label, "%s b=3 sq=sk=4097 h=4 hkv=2", all.v[i].name);
-        ncl++;
-        if (attn_run_case(ctx, &all.v[i], &c, label) >= 0) cl_ok++;
-        else printf("  failed: %s\n", label);
+        count_case(ctx, &all.v[i], &c, label, &ncl, &cl_ok);
     }
     printf("B: clusters: %d of %d configurations correct on b=3 Sq=Sk=4097\n", cl_ok, ncl);
     /* Persistent CTAs running several tiles each (the cases above give each CTA at most one or
@@ -289,9 +293,7 @@ int main(void) {
         attn_case c = case_of(&all.v[i], 2, 1300, causal ? 1300 : 1411, 16, 4, 1);
         char label[300];
         snprintf(label, sizeof label, "%s b=2 sq=1300 sk=%d h=16 hkv=4", all.v[i].name, c.sk);
-        npe++;
-        if (attn_run_case(ctx, &all.v[i], &c, label) >= 0) pe_ok++;
-        else printf("  failed: %s\n", label);
+        count_case(ctx, &all.v[i], &c, label, &npe, &pe_ok);
         if (npe % 100 == 0) printf("  persistent: %d checked, %d correct\n", npe, pe_ok);
     }
     printf("B: persistent, several tiles per CTA: %d of %d configurations correct\n", pe_ok, npe);
@@ -306,9 +308,7 @@ int main(void) {
         c.spread = 1;
         char label[300];
         snprintf(label, sizeof label, "%s spread b=1 sq=200 sk=1333 h=4 hkv=2", all.v[i].name);
-        nsp++;
-        if (attn_run_case(ctx, &all.v[i], &c, label) >= 0) sp_ok++;
-        else printf("  failed: %s\n", label);
+        count_case(ctx, &all.v[i], &c, label, &nsp, &sp_ok);
     }
     printf("B: spread scores (the maximum moving mid-row): %d of %d configurations correct\n",
            sp_ok, nsp);

@@ -92,6 +92,7 @@ end
 local function consumer_need(c)
   local n = c.head_dim // 2 + c.block_n // 2 + 32
   if c.intra_overlap == 1 then n = n + c.block_n // 4 end
+  if c.q_regs == 1 then n = n + c.head_dim // 4 end
   return n
 end
 
@@ -174,6 +175,10 @@ return {
     -- (see the template). 0: each tile starts with its first S product and softmax alone and
     -- ends with its last P V alone.
     { name = "flat", values = { 0, 1 }, default = 0 },
+    -- Q operand of the S products: 0 from shared memory (re-read by every product), 1 from
+    -- registers, loaded once per tile (see the template's fm_consumer). Trades D/4 registers
+    -- for a third less shared-memory traffic per S product.
+    { name = "q_regs", values = { 0, 1 }, default = 0 },
   },
 
   constraints = {
@@ -262,6 +267,22 @@ return {
       end,
     },
     {
+      -- d256 cannot spare the 64 registers; d64 (a 16-register Q) is left out until d128 shows
+      -- the trade pays (its space is already the largest). Causal: 6 of its 22 d128 variants
+      -- spilled 4-16 bytes with NVRTC 13.0 (the masked steps' extra state).
+      reason = "q_regs only at head dim 128, non-causal, with two or more consumer warpgroups and intra-warpgroup overlap",
+      check = function(c)
+        return c.q_regs == 0 or (c.head_dim == 128 and c.causal == 0 and c.consumer_wgs >= 2 and
+          c.intra_overlap == 1)
+      end,
+    },
+    {
+      -- Seen with NVRTC 13.0: 12 of the 16 d128 split-tail variants spilled 16-32 bytes with Q in
+      -- registers (the merge's extra row state), the other 4 only with clusters and no flat.
+      reason = "q_regs not with split_tail: ptxas spills the split tile's merge state",
+      check = function(c) return c.q_regs == 0 or c.split_tail == 0 end,
+    },
+    {
       reason = "tma_store only with the output staged in a buffer of its own (o_separate): in the V ring the next tile's V copies would have to wait for the store",
       check = function(c) return c.tma_store == 0 or o_separate(c) end,
     },
@@ -271,9 +292,10 @@ return {
     },
     {
       reason = function(c)
-        return string.format("register budget: a consumer needs about %d registers (O %d + S %d%s + 32), has %d",
+        return string.format("register budget: a consumer needs about %d registers (O %d + S %d%s%s + 32), has %d",
           consumer_need(c), c.head_dim // 2, c.block_n // 2,
-          c.intra_overlap == 1 and string.format(" + P %d", c.block_n // 4) or "", consumer_regs(c))
+          c.intra_overlap == 1 and string.format(" + P %d", c.block_n // 4) or "",
+          c.q_regs == 1 and string.format(" + Q %d", c.head_dim // 4) or "", consumer_regs(c))
       end,
       check = function(c) return consumer_need(c) <= consumer_regs(c) end,
     },
@@ -297,6 +319,7 @@ return {
       .. (c.tma_store == 1 and "_ts" or "")
       .. (c.cluster == 1 and "" or string.format("_cl%d", c.cluster))
       .. (c.flat == 1 and "_fl" or "")
+      .. (c.q_regs == 1 and "_qr" or "")
   end,
 
   defines = function(c)
@@ -319,6 +342,7 @@ return {
       FM_TMA_STORE = c.tma_store,
       FM_CLUSTER = c.cluster,
       FM_FLAT = c.flat,
+      FM_Q_REGS = c.q_regs,
       FM_LAZY_RESCALE = lazy_rescale(c) and 1 or 0,
       FM_PRODUCER_REGS = sp and c.producer_regs or 0,
       FM_CONSUMER_REGS = sp and consumer_regs(c) or 0,

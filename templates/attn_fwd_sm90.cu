@@ -120,6 +120,9 @@
                            * than FM_RESCALE_LOG2 (see fm_softmax) */
 #endif
 #define FM_RESCALE_LOG2 8.0f
+#ifndef FM_Q_REGS
+#define FM_Q_REGS 0 /* Q S products take this warpgroup's Q rows from registers (see fm_consumer) */
+#endif
 /* Register split under setmaxnreg: the producer needs few (one thread issues copies), the
  * consumers hold O (D/2 floats), S (BLOCK_N/2 floats) and P (BLOCK_N/4 words) per thread. With
  * one consumer warpgroup and one CTA per SM the entry cap (65536 / 256 = 255) is already the
@@ -490,6 +493,19 @@ static __device__ __forceinline__ void fm_gemm_qk(float (&s)[FM_BN / 2], unsigne
     fm_wgmma_commit();
 }
 
+/* The same with Q's fragments in registers (FM_Q_REGS). */
+static __device__ __forceinline__ void fm_gemm_qk(float (&s)[FM_BN / 2],
+                                                  const unsigned (&qa)[FM_D / 16][4],
+                                                  unsigned long long kdesc) {
+    fm_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FM_D / 16; kk++) {
+        fm_wgmma<FM_BN>::template rs<FM_DTYPE_BF16, 0>(
+            s, qa[kk], kdesc + (fm_kmajor_step<FM_BN>(kk) >> 4), kk > 0 ? 1 : 0);
+    }
+    fm_wgmma_commit();
+}
+
 /* O += P V: BLOCK_N/16 steps over the keys; each step's 16 keys are two 8-row groups (SBO) of
  * the V tile, i.e. 16 * 128 bytes further. */
 static __device__ __forceinline__ void fm_gemm_pv(float (&o)[FM_D / 2],
@@ -653,6 +669,14 @@ static __device__ __forceinline__ int fm_tile_row0(int mb) {
  * per-tile row limits and its position in the K/V ring (the producer walks the same sequence). */
 struct fm_consumer {
     unsigned long long qdesc; /* this warpgroup's 64 rows of Q as the A operand */
+#if FM_Q_REGS
+    /* The same rows as wgmma A fragments, loaded once per tile (load_q_regs). A shared-memory A
+     * operand is read again by every S product: at d128 an m64n128k16 product reads 2 KB of Q
+     * besides its 4 KB of K in the 64 cycles it takes (96 B per cycle of the SM's 128, with the
+     * K/V copies landing in the same memory); from registers it reads 4 KB. Costs D/4 registers
+     * for the whole tile. */
+    unsigned qa[FM_D / 16][4];
+#endif
     unsigned sK, sV;
     unsigned bar_k_full, bar_k_empty, bar_v_full, bar_v_empty;
     unsigned turn_self, turn_next; /* ping-pong named barriers */
@@ -670,6 +694,23 @@ struct fm_consumer {
      * zero-filled keys past seqlen_k, which only changes rows that are never stored. */
     __device__ __forceinline__ int lim1() const { return FM_CAUSAL ? lim0 + 8 : lim0; }
 
+#if FM_Q_REGS
+    /* Q slot qbase (this warpgroup's rows, 128-byte swizzled K-major chunks of 64 columns, the
+     * layout the TMA wrote) -> A fragments: k16 step kk is columns 16kk..16kk+15 of chunk kk/4;
+     * lane i gives the address of row i % 16 of the warp's 16 and 8-column half i / 16, so the
+     * four 8x8 matrices land as a0..a3 of the m64nNk16 A operand. Called with no product in
+     * flight. The swizzle XORs the 16-byte unit with the row's index in its 8-row atom; the
+     * warp's rows start at a multiple of 8. */
+    __device__ __forceinline__ void load_q_regs(unsigned qbase, int wq) {
+        const int row = wq * 16 + (lane & 15);
+        const unsigned rbase = qbase + (unsigned)(row * 128);
+#pragma unroll
+        for (int kk = 0; kk < FM_D / 16; kk++) {
+            const unsigned unit = (unsigned)(((kk % 4) * 2 + (lane >> 4)) ^ (row & 7));
+            fm_ldmatrix_x4(qa[kk], rbase + (unsigned)((kk / 4) * FM_BM * 128) + (unit << 4));
+        }
+    }
+#endif
     __device__ __forceinline__ unsigned long long kdesc(int st) const {
         return fm_wgmma_desc_sw128(sK + (unsigned)(st * FM_KV_BYTES), 16, 1024);
     }
@@ -704,6 +745,15 @@ struct fm_consumer {
     }
 };
 
+/* S = Q K^T for the current ring slot, issued (Q from shared memory or from registers). */
+static __device__ __forceinline__ void fm_issue_qk(const fm_consumer &c, float (&s)[FM_BN / 2]) {
+#if FM_Q_REGS
+    fm_gemm_qk(s, c.qa, c.kdesc(c.stage));
+#else
+    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
+#endif
+}
+
 /* S = Q K_n^T for the current ring slot, waited; K released; masked; softmax. */
 template <bool MASKED>
 static __device__ __forceinline__ void fm_s_and_softmax(fm_consumer &c, int nb,
@@ -711,7 +761,7 @@ static __device__ __forceinline__ void fm_s_and_softmax(fm_consumer &c, int nb,
                                                         float (&l)[2], float (&scl)[2]) {
     fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
     c.turn_sync();
-    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
+    fm_issue_qk(c, s);
     c.turn_pass();
     fm_wgmma_wait<0>();
     fm_fence_regs(s);
@@ -759,7 +809,7 @@ static __device__ __forceinline__ void fm_step_overlap(fm_consumer &c, int nb,
 #endif
     fm_mbar_wait(c.bar_k_full + 8 * c.stage, c.phase);
     c.turn_sync();
-    fm_gemm_qk(s, c.qdesc, c.kdesc(c.stage));
+    fm_issue_qk(c, s);
 #if !FM_LAZY_RESCALE
     fm_rescale(o, scl); /* O was last written by the P V waited on in the previous step */
 #endif
@@ -1165,7 +1215,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
         const int wq = tid / 32; /* warp in the warpgroup: rows 16wq..16wq+15 */
         const int row_in_wg0 = 16 * wq + lane / 4;
         fm_consumer c;
-        const unsigned long long qdesc0 = fm_wgmma_desc_sw128(sQ + (unsigned)(cw * 64 * 128), 16, 1024);
+        const unsigned qrow0 = sQ + (unsigned)(cw * 64 * 128); /* this warpgroup's Q rows */
+        const unsigned long long qdesc0 = fm_wgmma_desc_sw128(qrow0, 16, 1024);
         c.sK = sK;
         c.sV = sV;
         c.bar_k_full = bar_k_full;
@@ -1263,6 +1314,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                  * this tile means the producer saw the previous tile's q_empty complete. */
                 c.qdesc = qdesc0 + (unsigned long long)(qslot * (FM_Q_BYTES >> 4));
                 fm_mbar_wait(bar_q_full + 8 * qslot, (q_iter / FM_Q_STAGES) & 1);
+#if FM_Q_REGS
+                c.load_q_regs(qrow0 + qslot * FM_Q_BYTES, wq);
+#endif
                 n = tile.n_end - 1;
 #pragma unroll 1
                 for (; n >= max(wg_end, n_lo); n--) fm_skip_block(c);
@@ -1327,6 +1381,10 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_CTAS_PER_SM)
                     const unsigned nslot = (q_iter + 1) % FM_Q_STAGES;
                     c.qdesc = qdesc0 + (unsigned long long)(nslot * (FM_Q_BYTES >> 4));
                     fm_mbar_wait(bar_q_full + 8 * nslot, ((q_iter + 1) / FM_Q_STAGES) & 1);
+#if FM_Q_REGS
+                    /* no product in flight: the tile's last step waited for all of them */
+                    c.load_q_regs(qrow0 + nslot * FM_Q_BYTES, wq);
+#endif
                     m[0] = m[1] = fm_neg_inf();
                     l[0] = l[1] = 0.f;
                     if (nf >= nwg_mask_from)

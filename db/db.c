@@ -839,6 +839,43 @@ fm_status fm_db_supersede_burst(fm_db *db, long long device_id, const char *op, 
     return commit(db, err, errlen);
 }
 
+fm_status fm_db_supersede_sustained(fm_db *db, long long device_id, const char *op,
+                                    const char *dtype, const char *shape, long long since,
+                                    int *changed, char *err, size_t errlen) {
+    if (changed) *changed = 0;
+    if (!db || !len_ok(op, FM_DB_OP_MAX) || !len_ok(dtype, FM_DB_DTYPE_MAX) ||
+        !len_ok(shape, FM_DB_SHAPE_MAX))
+        return seterr(err, errlen, FM_ERR_INVALID_ARGUMENT,
+                      "fm_db_supersede_sustained: db, op, dtype and shape are required");
+    fm_status s = begin_write(db, err, errlen);
+    if (s != FM_OK) return s;
+    sqlite3_stmt *st = NULL;
+    s = prep(db,
+             "UPDATE measurements SET status='rejected',detail='" FM_DB_SUPERSEDED_SUSTAINED
+             " (median '||printf('%.4f',median_ms)||' ms)' WHERE device_id=?1 AND op=?2 AND "
+             "dtype=?3 AND shape=?4 AND status='ok' AND created_at<?5 AND "
+             "substr(tool_version,-length(?6))=?6",
+             &st, err, errlen);
+    if (s == FM_OK) {
+        sqlite3_bind_int64(st, 1, device_id);
+        sqlite3_bind_text(st, 2, op, -1, SQLITE_TRANSIENT);
+        sqlite3_bind_text(st, 3, dtype, -1, SQLITE_TRANSIENT);
+        sqlite3_bind_text(st, 4, shape, -1, SQLITE_TRANSIENT);
+        sqlite3_bind_int64(st, 5, since);
+        sqlite3_bind_text(st, 6, FM_DB_SUSTAINED_SUFFIX, -1, SQLITE_STATIC);
+        int rc = sqlite3_step(st);
+        sqlite3_finalize(st);
+        if (rc != SQLITE_DONE) s = sqlfail(db, err, errlen, "cannot supersede measurements");
+        else if (changed) *changed = sqlite3_changes(db->h);
+    }
+    if (s == FM_OK) s = recompute_key(db, device_id, op, dtype, shape, err, errlen);
+    if (s != FM_OK) {
+        rollback(db);
+        return s;
+    }
+    return commit(db, err, errlen);
+}
+
 static fm_status recompute_all(fm_db *db, char *err, size_t errlen) {
     return exec(db, all_best_sql, err, errlen);
 }
@@ -1370,6 +1407,20 @@ static const char merge_sql[] =
     "JOIN fm_src.configurations sc ON sc.id=m.config_id "
     "JOIN main.configurations mc ON mc.name=sc.name "
     "WHERE true ORDER BY md.id,m.op,m.dtype,m.shape,mc.id,m.created_at,m.tool_version" NOTHING
+    /* A row the other side superseded with a later sustained-load phase is superseded here too
+     * (rows present on both sides keep this side's copy, status included). */
+    "UPDATE main.measurements SET status='rejected',detail='" FM_DB_SUPERSEDED_SUSTAINED
+    " (merged)' WHERE status='ok' AND EXISTS (SELECT 1 FROM fm_src.measurements m "
+    "JOIN fm_src.devices sd ON sd.id=m.device_id "
+    "JOIN main.devices md ON md.name=sd.name AND md.cc_major=sd.cc_major AND "
+    "md.cc_minor=sd.cc_minor "
+    "JOIN fm_src.configurations sc ON sc.id=m.config_id "
+    "JOIN main.configurations mc ON mc.name=sc.name "
+    "WHERE m.status='rejected' AND substr(m.detail,1,length('" FM_DB_SUPERSEDED_SUSTAINED "'))='"
+    FM_DB_SUPERSEDED_SUSTAINED "' AND md.id=measurements.device_id AND "
+    "m.op=measurements.op AND m.dtype=measurements.dtype AND m.shape=measurements.shape AND "
+    "mc.id=measurements.config_id AND m.created_at=measurements.created_at AND "
+    "m.tool_version=measurements.tool_version);"
     "INSERT INTO main.best(device_id,op,dtype,shape,config_id,median_ms,tflops,"
     "updated_at) SELECT md.id,b.op,b.dtype,b.shape,mc.id,b.median_ms,b.tflops,b.updated_at "
     "FROM fm_src.best b JOIN fm_src.devices sd ON sd.id=b.device_id "

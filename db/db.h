@@ -132,6 +132,18 @@ fm_status fm_db_recompute_best(fm_db *db, char *err, size_t errlen);
 fm_status fm_db_supersede_burst(fm_db *db, long long device_id, const char *op, const char *dtype,
                                 const char *shape, int *changed, char *err, size_t errlen);
 
+/* The end of a sustained-load phase: that phase timed the best under load so far together with
+ * the newcomers, in the same rounds, so its rows decide the key. Every "ok" sustained-load row of
+ * (device, op, dtype, shape) created before `since` (the phase's start, seconds) becomes
+ * "rejected" ("superseded by a later sustained-load phase"): an older, faster figure of the same
+ * card model, taken on another machine or at another temperature, can no longer outrank a
+ * variant that beat that configuration in the same rounds. Best is recomputed for the key.
+ * *changed gets the row count. */
+#define FM_DB_SUPERSEDED_SUSTAINED "superseded by a later sustained-load phase"
+fm_status fm_db_supersede_sustained(fm_db *db, long long device_id, const char *op,
+                                    const char *dtype, const char *shape, long long since,
+                                    int *changed, char *err, size_t errlen);
+
 /* ---- reading ------------------------------------------------------------------------------- */
 /* *found = 1 when any measurement (any status) exists for this device name, op, dtype, shape and
  * configuration name: the tuner skips it when resuming. */

@@ -1152,6 +1152,85 @@ static void case_merge_sustained(void) {
     }
 }
 
+static int count_later_phase_cb(void *user, const fm_db_measurement *m) {
+    if (!strcmp(m->status, "rejected") && m->detail &&
+        !strncmp(m->detail, FM_DB_SUPERSEDED_SUSTAINED, strlen(FM_DB_SUPERSEDED_SUSTAINED)))
+        ++*(long long *)user;
+    return 0;
+}
+
+/* A second sustained phase (another machine of the same model, slower by a few percent) re-times
+ * the incumbent with a newcomer that beats it in the same rounds: the newcomer must become best
+ * even though the incumbent's older row (taken on the faster machine) is faster than both. Other
+ * keys and devices keep their rows. Then the same through a merge: the target still holds the
+ * older row as "ok"; the source's supersession carries over. */
+static void case_supersede_sustained(void) {
+    const char *s = "b=8,sq=2048,sk=2048,h=16,hkv=16,d=128,causal=0",
+               *other = "b=4,sq=4096,sk=4096,h=16,hkv=16,d=128,causal=0";
+    fm_db *db = open_new("phase.db");
+    fm_db *old = open_new("phase_old.db");
+    REQUIRE(db && old);
+    long long dev = add_device(db, "NVIDIA H200", 9, 0);
+    long long dev2 = add_device(db, "NVIDIA H100 80GB HBM3", 9, 0);
+    long long inc = add_config(db, "cfg_incumbent", "q_regs=0");
+    long long nc = add_config(db, "cfg_newcomer", "q_regs=1");
+    long long odev = add_device(old, "NVIDIA H200", 9, 0);
+    long long oinc = add_config(old, "cfg_incumbent", "q_regs=0");
+    /* phase 1 (created 1000): the incumbent on a fast machine */
+    CHECK_ST(add_sustained(db, dev, inc, s, 0.4435, 1000), FM_OK);
+    CHECK_ST(add_sustained(old, odev, oinc, s, 0.4435, 1000), FM_OK);
+    CHECK_ST(add_sustained(db, dev, inc, other, 0.8400, 1000), FM_OK);
+    CHECK_ST(add_sustained(db, dev2, inc, s, 0.4300, 1000), FM_OK);
+    /* phase 2 (created 2000): both, in the same rounds, on a slower machine */
+    CHECK_ST(add_sustained(db, dev, inc, s, 0.4573, 2000), FM_OK);
+    CHECK_ST(add_sustained(db, dev, nc, s, 0.4456, 2000), FM_OK);
+    fm_db_best b;
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H200", "attn_fwd", "bf16", s, &b, err, sizeof err), FM_OK);
+    CHECK(strcmp(b.config_name, "cfg_incumbent") == 0 && b.median_ms == 0.4435); /* before */
+    int changed = -1;
+    CHECK_ST(fm_db_supersede_sustained(db, dev, "attn_fwd", "bf16", s, 2000, &changed, err,
+                                       sizeof err),
+             FM_OK);
+    CHECK(changed == 1);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H200", "attn_fwd", "bf16", s, &b, err, sizeof err), FM_OK);
+    CHECK(strcmp(b.config_name, "cfg_newcomer") == 0 && b.median_ms == 0.4456);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H200", "attn_fwd", "bf16", other, &b, err, sizeof err),
+             FM_OK);
+    CHECK(b.median_ms == 0.8400);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H100 80GB HBM3", "attn_fwd", "bf16", s, &b, err,
+                               sizeof err),
+             FM_OK);
+    CHECK(b.median_ms == 0.4300);
+    /* the whole database recomputed: the decision stands */
+    CHECK_ST(fm_db_recompute_best(db, err, sizeof err), FM_OK);
+    CHECK_ST(fm_db_lookup_best(db, "NVIDIA H200", "attn_fwd", "bf16", s, &b, err, sizeof err), FM_OK);
+    CHECK(strcmp(b.config_name, "cfg_newcomer") == 0);
+    /* idempotent */
+    CHECK_ST(fm_db_supersede_sustained(db, dev, "attn_fwd", "bf16", s, 2000, &changed, err,
+                                       sizeof err),
+             FM_OK);
+    CHECK(changed == 0);
+    CHECK_ST(fm_db_supersede_sustained(db, dev, "", "bf16", s, 2000, &changed, err, sizeof err),
+             FM_ERR_INVALID_ARGUMENT);
+    fm_db_close(db);
+    /* merge the re-tuned database into one that holds only phase 1 */
+    char p[600];
+    tpath(p, sizeof p, "phase.db");
+    CHECK_ST(fm_db_merge(old, p, err, sizeof err), FM_OK);
+    CHECK_ST(fm_db_lookup_best(old, "NVIDIA H200", "attn_fwd", "bf16", s, &b, err, sizeof err),
+             FM_OK);
+    CHECK(strcmp(b.config_name, "cfg_newcomer") == 0 && b.median_ms == 0.4456);
+    fm_db_filter f;
+    memset(&f, 0, sizeof f);
+    f.device_name = "NVIDIA H200";
+    f.shape = s;
+    long long nrej = 0;
+    CHECK_ST(fm_db_foreach_measurement(old, &f, count_later_phase_cb, &nrej, err, sizeof err),
+             FM_OK);
+    CHECK(nrej == 1);
+    fm_db_close(old);
+}
+
 static const test_case cases[] = {
     {"schema version, application id, WAL", case_schema_version},
     {"db/schema.sql matches the migrations", case_schema_sql_matches},
@@ -1170,6 +1249,7 @@ static const test_case cases[] = {
     {"read-only open in a read-only directory", case_readonly_directory},
     {"sustained-load timings supersede burst timings", case_supersede_burst},
     {"a merge brings sustained timings: they decide the key", case_merge_sustained},
+    {"a later sustained phase decides the key (and through a merge)", case_supersede_sustained},
 };
 
 static void rm_tree(const char *dir) {

@@ -902,6 +902,9 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
             k_burst, k > k_burst ? " and the best under load so far" : "", so.sustain_rounds,
             so.sustain_ms);
     int fd[2];
+    /* Rows of earlier sustained phases (this card model, other machines or days) are older
+     * than this; this phase re-times the best among them in the same rounds. */
+    const long long phase_start = (long long)time(NULL);
     sustaining st = {sv, nv, o->op->flops(&o->prob), 0, -1};
     st.pid = k >= 2 ? spawn_worker(&so, v, sel, k, 0, fd) : -1;
     if (st.pid > 0) {
@@ -931,7 +934,14 @@ static void sustained_phase(const fm_tune_opts *o, variant *v, int nv, recorder 
     }
     if (recorded && rc->db) {
         char err[512] = "";
-        int changed = 0;
+        int changed = 0, older = 0;
+        if (fm_db_supersede_sustained(rc->db, rc->device_id, o->op->name, o->prob.dtype,
+                                      o->prob.shape, phase_start, &older, err,
+                                      sizeof err) != FM_OK)
+            fprintf(stderr, "fmtune: database: %s\n", err);
+        else if (older)
+            fprintf(stderr, "fmtune: %d sustained-load timings of earlier runs superseded: this "
+                    "run's rounds decide\n", older);
         if (fm_db_supersede_burst(rc->db, rc->device_id, o->op->name, o->prob.dtype,
                                   o->prob.shape, &changed, err, sizeof err) != FM_OK)
             fprintf(stderr, "fmtune: database: %s\n", err);

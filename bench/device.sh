@@ -14,7 +14,8 @@
 #   shortgrid the grid's points below S = 4k over the whole sm90 family, resuming from a copy of
 #             the shipped database ($OUT/short.sqlite): only the variants it lacks are timed in
 #             bursts, then the fastest (SHORT_K, 6) are re-ranked under sustained load
-#             (SHORT_DIMS, SHORT_CAUSAL, SHORT_SEQS restrict it; SHORT_DB: start from that copy)
+#             (SHORT_DIMS, SHORT_CAUSAL, SHORT_SEQS restrict it; SHORT_DB: start from that copy;
+#             SHORT_MISSION=1 adds the mission shape 8x4096x128)
 #   shortab   bench_attn on those points: the shipped database against $OUT/short.sqlite, one
 #             process, interleaved
 #   dbab      bench_attn over the grid (BENCH_ONLY: its --only points): the shipped database
@@ -106,6 +107,14 @@ for stage in "$@"; do
           echo "d=$d causal=$c s=$s rc=$? $(date +%T)"
         done
       done; done
+      if [ -n "${SHORT_MISSION:-}" ]; then
+        for c in ${SHORT_CAUSAL:-0 1}; do
+          cf=""; [ "$c" = 1 ] && cf=--causal
+          "$B/fmtune" --gpu auto --shape 8x4096x128 $cf --db "$OUT/short.sqlite" --runs 5 \
+            --families attn_fwd_sm90 --sustained ${SHORT_K:-6} >> "$OUT/shortgrid.log" 2>&1
+          echo "mission causal=$c rc=$? $(date +%T)"
+        done
+      fi
       grep "^best" "$OUT/shortgrid.log" | sed 's/ (recorded.*//' ;;
     shortab)
       pts=""

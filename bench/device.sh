@@ -15,7 +15,8 @@
 #             the shipped database ($OUT/short.sqlite): only the variants it lacks are timed in
 #             bursts, then the fastest (SHORT_K, 6) are re-ranked under sustained load
 #             (SHORT_DIMS, SHORT_CAUSAL, SHORT_SEQS restrict it; SHORT_DB: start from that copy;
-#             SHORT_MISSION=1 adds the mission shape 8x4096x128)
+#             SHORT_MISSION=1 adds the mission shape 8x4096x128; SHORT_ARGS more fmtune options,
+#             e.g. --retune)
 #   shortab   bench_attn on those points: the shipped database against $OUT/short.sqlite, one
 #             process, interleaved
 #   dbab      bench_attn over the grid (BENCH_ONLY: its --only points): the shipped database
@@ -103,7 +104,7 @@ for stage in "$@"; do
         for s in ${SHORT_SEQS:-512 1024 2048}; do
           "$B/fmtune" --gpu auto --shape $((16384 / s))x${s}x$d --heads $((2048 / d)) $cf \
             --db "$OUT/short.sqlite" --runs 5 --families attn_fwd_sm90 --sustained ${SHORT_K:-6} \
-            >> "$OUT/shortgrid.log" 2>&1
+            ${SHORT_ARGS:-} >> "$OUT/shortgrid.log" 2>&1
           echo "d=$d causal=$c s=$s rc=$? $(date +%T)"
         done
       done; done

@@ -24,6 +24,13 @@ grep -q "^best for attn_fwd bf16 b=2,sq=1000,sk=1000,h=4,hkv=2,d=128,causal=1" "
   --max-variants 6 > "$work/out2" 2> "$work/err2"; rc=$?
 [ $rc = 0 ] && ok || bad "second run exited $rc"
 grep -q "already measured" "$work/err2" && ok || bad "second run did not resume"
+# a second sustained phase (--retune times every variant again) decides the key: the first
+# phase's sustained rows are superseded
+"$fmtune" --gpu auto --shape 2x1000x128 --heads 4 --kv-heads 2 --causal --db "$db" --runs 5 \
+  --max-variants 6 --retune > "$work/out3" 2> "$work/err3"; rc=$?
+[ $rc = 0 ] && ok || bad "retune exited $rc"
+grep -q "sustained-load timings of earlier runs superseded" "$work/err3" && ok ||
+  { bad "the second sustained phase superseded nothing"; tail -n 20 "$work/err3"; }
 "$fmtune" db show --db "$db" | grep -q "attn_fwd" && ok || bad "db show lists nothing"
 "$serve" "$db" 2 1000 128 4 2 1 && ok || bad "the runtime was not served the tuned shape"
 # a variant that takes the worker down is recorded as a fault, and the others are still measured

@@ -804,28 +804,28 @@ fm_status fm_db_add_measurement(fm_db *db, const fm_db_measurement *m, char *err
     return commit(db, err, errlen);
 }
 
-fm_status fm_db_supersede_burst(fm_db *db, long long device_id, const char *op, const char *dtype,
-                                const char *shape, int *changed, char *err, size_t errlen) {
+/* Marks rows of one key "rejected" with the UPDATE `sql` (?1-?4 the key, ?5 the sustained-load
+ * suffix, ?6 `since` where the statement has it), then recomputes that key's best; one
+ * transaction. */
+static fm_status supersede_key(fm_db *db, const char *what, const char *sql, long long device_id,
+                               const char *op, const char *dtype, const char *shape,
+                               long long since, int *changed, char *err, size_t errlen) {
     if (changed) *changed = 0;
     if (!db || !len_ok(op, FM_DB_OP_MAX) || !len_ok(dtype, FM_DB_DTYPE_MAX) ||
         !len_ok(shape, FM_DB_SHAPE_MAX))
         return seterr(err, errlen, FM_ERR_INVALID_ARGUMENT,
-                      "fm_db_supersede_burst: db, op, dtype and shape are required");
+                      "%s: db, op, dtype and shape are required", what);
     fm_status s = begin_write(db, err, errlen);
     if (s != FM_OK) return s;
     sqlite3_stmt *st = NULL;
-    s = prep(db,
-             "UPDATE measurements SET status='rejected',detail='superseded by sustained-load "
-             "timing (burst median '||printf('%.4f',median_ms)||' ms)' WHERE device_id=?1 AND "
-             "op=?2 AND dtype=?3 AND shape=?4 AND status='ok' AND "
-             "substr(tool_version,-length(?5))<>?5",
-             &st, err, errlen);
+    s = prep(db, sql, &st, err, errlen);
     if (s == FM_OK) {
         sqlite3_bind_int64(st, 1, device_id);
         sqlite3_bind_text(st, 2, op, -1, SQLITE_TRANSIENT);
         sqlite3_bind_text(st, 3, dtype, -1, SQLITE_TRANSIENT);
         sqlite3_bind_text(st, 4, shape, -1, SQLITE_TRANSIENT);
         sqlite3_bind_text(st, 5, FM_DB_SUSTAINED_SUFFIX, -1, SQLITE_STATIC);
+        if (sqlite3_bind_parameter_count(st) >= 6) sqlite3_bind_int64(st, 6, since);
         int rc = sqlite3_step(st);
         sqlite3_finalize(st);
         if (rc != SQLITE_DONE) s = sqlfail(db, err, errlen, "cannot supersede measurements");
@@ -839,41 +839,27 @@ fm_status fm_db_supersede_burst(fm_db *db, long long device_id, const char *op, 
     return commit(db, err, errlen);
 }
 
+fm_status fm_db_supersede_burst(fm_db *db, long long device_id, const char *op, const char *dtype,
+                                const char *shape, int *changed, char *err, size_t errlen) {
+    return supersede_key(
+        db, "fm_db_supersede_burst",
+        "UPDATE measurements SET status='rejected',detail='superseded by sustained-load "
+        "timing (burst median '||printf('%.4f',median_ms)||' ms)' WHERE device_id=?1 AND "
+        "op=?2 AND dtype=?3 AND shape=?4 AND status='ok' AND "
+        "substr(tool_version,-length(?5))<>?5",
+        device_id, op, dtype, shape, 0, changed, err, errlen);
+}
+
 fm_status fm_db_supersede_sustained(fm_db *db, long long device_id, const char *op,
                                     const char *dtype, const char *shape, long long since,
                                     int *changed, char *err, size_t errlen) {
-    if (changed) *changed = 0;
-    if (!db || !len_ok(op, FM_DB_OP_MAX) || !len_ok(dtype, FM_DB_DTYPE_MAX) ||
-        !len_ok(shape, FM_DB_SHAPE_MAX))
-        return seterr(err, errlen, FM_ERR_INVALID_ARGUMENT,
-                      "fm_db_supersede_sustained: db, op, dtype and shape are required");
-    fm_status s = begin_write(db, err, errlen);
-    if (s != FM_OK) return s;
-    sqlite3_stmt *st = NULL;
-    s = prep(db,
-             "UPDATE measurements SET status='rejected',detail='" FM_DB_SUPERSEDED_SUSTAINED
-             " (median '||printf('%.4f',median_ms)||' ms)' WHERE device_id=?1 AND op=?2 AND "
-             "dtype=?3 AND shape=?4 AND status='ok' AND created_at<?5 AND "
-             "substr(tool_version,-length(?6))=?6",
-             &st, err, errlen);
-    if (s == FM_OK) {
-        sqlite3_bind_int64(st, 1, device_id);
-        sqlite3_bind_text(st, 2, op, -1, SQLITE_TRANSIENT);
-        sqlite3_bind_text(st, 3, dtype, -1, SQLITE_TRANSIENT);
-        sqlite3_bind_text(st, 4, shape, -1, SQLITE_TRANSIENT);
-        sqlite3_bind_int64(st, 5, since);
-        sqlite3_bind_text(st, 6, FM_DB_SUSTAINED_SUFFIX, -1, SQLITE_STATIC);
-        int rc = sqlite3_step(st);
-        sqlite3_finalize(st);
-        if (rc != SQLITE_DONE) s = sqlfail(db, err, errlen, "cannot supersede measurements");
-        else if (changed) *changed = sqlite3_changes(db->h);
-    }
-    if (s == FM_OK) s = recompute_key(db, device_id, op, dtype, shape, err, errlen);
-    if (s != FM_OK) {
-        rollback(db);
-        return s;
-    }
-    return commit(db, err, errlen);
+    return supersede_key(
+        db, "fm_db_supersede_sustained",
+        "UPDATE measurements SET status='rejected',detail='" FM_DB_SUPERSEDED_SUSTAINED
+        " (median '||printf('%.4f',median_ms)||' ms)' WHERE device_id=?1 AND op=?2 AND "
+        "dtype=?3 AND shape=?4 AND status='ok' AND substr(tool_version,-length(?5))=?5 AND "
+        "created_at<?6",
+        device_id, op, dtype, shape, since, changed, err, errlen);
 }
 
 static fm_status recompute_all(fm_db *db, char *err, size_t errlen) {
